@@ -1,0 +1,28 @@
+"""What the `python -m posae.*` entry points share."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+from posae.config import ConfigError
+from posae.data.cache_format import CacheError
+
+log = logging.getLogger("posae")
+
+CONFIG_PATH = "../conf"
+
+
+def exit_on_user_error(main):
+    """Report a bad config or cache as one clear line and exit 2, without a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(cfg):
+        try:
+            return main(cfg)
+        except (ConfigError, CacheError) as err:
+            log.error("%s: %s", type(err).__name__, err)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,178 @@
+"""Typed schemas for the composed Hydra config, and validation that names the bad key.
+
+Hydra composes plain YAML (conf/); each entry point turns the parts it uses into these
+dataclasses before any compute, so a wrong type, a missing value or an unknown key fails
+with a message naming the key instead of deep inside a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODEL_KINDS = ("encoder", "causal")
+DATASET_SOURCES = ("stdlib_docs", "text_files", "hf")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """A language model whose residual stream is cached (conf/model/)."""
+
+    name: str
+    hf_id: str
+    kind: str
+    n_layers: int
+    d_model: int
+    # A Python package that ships the weights (loaded from site-packages, no network).
+    package: Optional[str] = None
+    revision: Optional[str] = None
+    dtype: str = "auto"
+    # Prepend the tokenizer's BOS when the tokenizer itself adds none (GPT-2, Pythia).
+    prepend_bos: bool = False
+    attn_implementation: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    """A text source (conf/dataset/)."""
+
+    name: str
+    source: str
+    pack: bool = True
+    # source=hf
+    path: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    # source=text_files
+    paths: Optional[list[str]] = None
+
+
+@dataclass
+class CacheConfig:
+    """Storage of cached activations (conf/cache/)."""
+
+    root: str
+    dtype: str = "float16"
+    shard_sequences: int = 256
+    batch_sequences: int = 32
+    device: str = "auto"
+    verify: bool = True
+
+
+T = TypeVar("T")
+
+
+def typed(node: Any, schema: type[T], key: str) -> T:
+    """Merge `node` into `schema`; errors name `key.<field>`."""
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{key}: expected a mapping, got {node!r}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        bad = getattr(err, "full_key", None) or ""
+        raise ConfigError(f"{key}.{bad}: {err.msg if hasattr(err, 'msg') else err}") from None
+    return obj  # type: ignore[return-value]
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def model_config(node: Any) -> ModelConfig:
+    cfg = typed(node, ModelConfig, "model")
+    _choice(cfg.kind, MODEL_KINDS, "model.kind")
+    if cfg.n_layers < 1 or cfg.d_model < 1:
+        raise ConfigError("model.n_layers and model.d_model must be positive")
+    return cfg
+
+
+def dataset_config(node: Any) -> DatasetConfig:
+    cfg = typed(node, DatasetConfig, "dataset")
+    _choice(cfg.source, DATASET_SOURCES, "dataset.source")
+    if cfg.source == "hf" and not cfg.path:
+        raise ConfigError("dataset.path: a Hugging Face dataset id is required for source=hf")
+    if cfg.source == "text_files" and not cfg.paths:
+        raise ConfigError("dataset.paths: give at least one file or glob for source=text_files")
+    return cfg
+
+
+def cache_config(node: Any) -> CacheConfig:
+    cfg = typed(node, CacheConfig, "cache")
+    _choice(cfg.dtype, STORAGE_DTYPES, "cache.dtype")
+    for key in ("shard_sequences", "batch_sequences"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"cache.{key}: must be a positive integer, got {getattr(cfg, key)}")
+    return cfg
+
+
+def positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    return value
+
+
+def layer_index(value: Any, model: ModelConfig, key: str = "layer") -> int:
+    """A block index of `model`, 0-based: the residual stream after that block."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"{key}: must be an integer block index in [0, {model.n_layers - 1}] "
+            f"for model {model.name!r}, got {value!r}"
+        )
+    if not 0 <= value < model.n_layers:
+        raise ConfigError(
+            f"{key}={value} is beyond model {model.name!r}, which has {model.n_layers} "
+            f"blocks: use 0..{model.n_layers - 1}"
+        )
+    return value
+
+
+def layer_indices(values: Any, model: ModelConfig, key: str) -> list[int]:
+    """One block index or a list of them, sorted and deduplicated."""
+    if not OmegaConf.is_list(values) and not isinstance(values, (list, tuple)):
+        values = [values]
+    layers = [layer_index(v, model, key) for v in values]
+    if not layers:
+        raise ConfigError(f"{key}: give at least one layer")
+    return sorted(set(layers))
+
+
+@dataclass
+class CacheRequest:
+    """What an entry point asks of the activation cache."""
+
+    model: ModelConfig
+    dataset: DatasetConfig
+    cache: CacheConfig
+    context_size: int
+    n_tokens: int
+    layers: list[int] = field(default_factory=list)
+
+
+def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
+    """Validate the parts of a composed config that the cache needs.
+
+    `layers_key` is `layers` (posae.cache: a list) or `layer` (posae.train: one index).
+    """
+    model = model_config(cfg.model)
+    layers = layer_indices(cfg[layers_key], model, layers_key)
+    context_size = positive_int(cfg.context_size, "context_size")
+    if context_size < 4:
+        raise ConfigError(f"context_size: must be at least 4, got {context_size}")
+    return CacheRequest(
+        model=model,
+        dataset=dataset_config(cfg.dataset),
+        cache=cache_config(cfg.cache),
+        context_size=context_size,
+        n_tokens=positive_int(cfg.n_tokens, "n_tokens"),
+        layers=layers,
+    )

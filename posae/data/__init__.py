@@ -1,0 +1,1 @@
+"""Text sources, tokenization into sequences, and the activation cache."""

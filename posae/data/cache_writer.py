@@ -1,0 +1,204 @@
+"""Build the activation cache: one LM pass writes every requested layer, shard by shard.
+
+Resumable: shard k always holds sequences [k*S, (k+1)*S) of the deterministic token
+stream, so a rerun skips the shards every layer's manifest lists and recomputes the rest,
+and a killed run ends with exactly the content of an uninterrupted one. A file lock on
+the cache folder serialises concurrent builders (parallel sweep jobs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from posae.config import CacheRequest
+from posae.data.cache_format import (
+    ARRAYS, CacheMismatchError, CacheSpec, check_identity, read_manifest, shard_file,
+    shard_stats, summarise_stats, to_storage, write_array, write_manifest,
+)
+from posae.data.sequences import SpecialTokens, iter_sequence_blocks
+from posae.data.text import iter_documents
+from posae.models.hooks import residual_stream
+from posae.models.lm import LanguageModel, load_language_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class LayerWriter:
+    """The manifest of one layer's cache, its complete shards, and appending a shard."""
+
+    def __init__(self, spec: CacheSpec, layer: int, shard_sequences: int):
+        self.dir = spec.layer_dir(layer)
+        self.layer = layer
+        self.header = {**spec.identity(layer), "shard_sequences": shard_sequences}
+        self.shards: list[dict] = []
+        self.stats: list[np.ndarray] = []
+        self.exhausted = False
+        path = self.dir / "manifest.json"
+        if path.exists():
+            self._load_existing(read_manifest(path), path, spec, layer, shard_sequences)
+
+    def _load_existing(self, manifest, path, spec, layer, shard_sequences) -> None:
+        check_identity(manifest, spec.identity(layer), path)
+        if manifest["shard_sequences"] != shard_sequences:
+            raise CacheMismatchError(
+                f"{path} was written with cache.shard_sequences={manifest['shard_sequences']}; "
+                f"resume with that value or use another cache.root"
+            )
+        self.header = {k: v for k, v in manifest.items()
+                       if k not in ("shards", "n_sequences", "source_exhausted", "stats")}
+        self.shards = manifest["shards"]
+        self.exhausted = manifest["source_exhausted"]
+        self.stats = [np.load(self.dir / shard_file(s["index"], "stats")) for s in self.shards]
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(s["n_seq"] for s in self.shards)
+
+    def satisfies(self, n_sequences: int) -> bool:
+        return self.exhausted or self.n_sequences >= n_sequences
+
+    def full_shards(self) -> int:
+        """Leading shards of full size: those a resumed or extended run keeps."""
+        size = self.header["shard_sequences"]
+        return next((i for i, s in enumerate(self.shards) if s["n_seq"] < size), len(self.shards))
+
+    def prepare(self, lm: LanguageModel, special: SpecialTokens) -> None:
+        """Drop a trailing partial shard and stray temp files; record the tokenizer."""
+        keep = self.full_shards()
+        self.shards, self.stats, self.exhausted = self.shards[:keep], self.stats[:keep], False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink()
+        self.header.update(
+            blocks_module=f"{lm.blocks_path}.{self.layer}",
+            tokenizer={"prefix": list(special.prefix), "suffix": list(special.suffix),
+                       "separator": special.separator, "pad": special.pad,
+                       "special_token_ids": list(special.all_ids)},
+        )
+        if lm.revision and not self.header["model"]["revision"]:
+            self.header["model"] = {**self.header["model"], "revision": lm.revision}
+
+    def append(self, index: int, acts: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> None:
+        dtype = self.header["dtype"]
+        stats = shard_stats(acts, mask, dtype)
+        files = {}
+        for name, array in zip(ARRAYS, (acts, tokens, mask, stats)):
+            files[name] = write_array(self.dir / shard_file(index, name), array)
+        self.shards.append({"index": index, "n_seq": len(tokens), "files": files})
+        self.stats.append(stats)
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        write_manifest(self.dir / "manifest.json", {
+            **self.header,
+            "n_sequences": self.n_sequences,
+            "source_exhausted": self.exhausted,
+            "shards": self.shards,
+            "stats": summarise_stats(self.stats),
+        })
+
+
+@contextmanager
+def build_lock(folder: Path):
+    """Exclusive lock on a cache folder, held while building it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s; waiting for it", folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def forward_shard(lm: LanguageModel, layers: list[int], tokens: np.ndarray, mask: np.ndarray,
+                  batch: int, dtype: str) -> dict[int, np.ndarray]:
+    """Residual stream after each of `layers` for a shard, padding zeroed, in storage dtype."""
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    for start in range(0, len(tokens), batch):
+        ids = torch.from_numpy(tokens[start : start + batch]).to(lm.device, torch.long)
+        keep = torch.from_numpy(mask[start : start + batch]).to(lm.device)
+        captured = residual_stream(lm.model, lm.blocks, layers, ids, keep.long())
+        for layer in layers:
+            out[layer].append(to_storage(captured[layer] * keep[..., None], dtype))
+    return {layer: np.concatenate(parts) for layer, parts in out.items()}
+
+
+def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
+                docs: Iterable[str] | None = None) -> list[Path]:
+    """Make sure every layer in `req.layers` caches at least `req.n_tokens` tokens.
+
+    Returns the layer folders. Loads the model only when something is missing; `lm` and
+    `docs` replace the configured model and text (tests, benchmarks).
+    """
+    spec = CacheSpec.from_request(req)
+    size, context = req.cache.shard_sequences, req.context_size
+    target = math.ceil(req.n_tokens / context)
+    with build_lock(spec.group_dir()):
+        writers = [LayerWriter(spec, layer, size) for layer in req.layers]
+        if all(w.satisfies(target) for w in writers):
+            log.info("activation cache complete: %s", spec.group_dir())
+            return [w.dir for w in writers]
+        lm = lm or load_language_model(req.model, resolve_device(req.cache.device))
+        special = SpecialTokens.for_tokenizer(lm.tokenizer, req.model.prepend_bos)
+        lm.tokenizer.model_max_length = 1 << 30  # we cut sequences ourselves
+        for writer in writers:
+            writer.prepare(lm, special)
+        _write_shards(req, lm, special, writers, target, docs)
+    return [w.dir for w in writers]
+
+
+def _write_shards(req, lm, special, writers, target, docs) -> None:
+    size, context = req.cache.shard_sequences, req.context_size
+    n_shards = math.ceil(target / size)
+    have = {w.layer: w.full_shards() for w in writers}
+    start = min(have.values())
+    blocks = iter_sequence_blocks(docs if docs is not None else iter_documents(req.dataset),
+                                  lm.tokenizer, special, context, req.dataset.pack, size)
+    written = start * size
+    bar = tqdm(total=target * context, initial=written * context, unit="tok", unit_scale=True,
+               desc=f"caching {req.model.name} layers {req.layers}", dynamic_ncols=True)
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool, bar:
+        for index, (tokens, mask) in enumerate(blocks):
+            if index >= n_shards:
+                break
+            if index < start:
+                continue
+            keep = min(len(tokens), target - index * size)
+            tokens, mask = tokens[:keep], mask[:keep]
+            todo = [w for w in writers if have[w.layer] <= index]
+            acts = forward_shard(lm, [w.layer for w in todo], tokens, mask,
+                                 req.cache.batch_sequences, req.cache.dtype)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_append_all, todo, index, acts, tokens, mask)
+            written += len(tokens)
+            bar.update(len(tokens) * context)
+        if pending is not None:
+            pending.result()
+    if written < target:
+        log.warning("the text ran out after %d of %d sequences; the cache holds all of it",
+                    written, target)
+        for writer in writers:
+            writer.exhausted = True
+            writer.write_manifest()
+
+
+def _append_all(writers, index, acts, tokens, mask) -> None:
+    for writer in writers:
+        writer.append(index, acts[writer.layer], tokens, mask)
+

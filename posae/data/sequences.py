@@ -1,0 +1,101 @@
+"""Turn documents into fixed-length token sequences with the model's special tokens.
+
+Each sequence is `prefix + content + suffix` of exactly `context_size` tokens, where the
+prefix/suffix are what the tokenizer itself adds ([CLS] ... [SEP] for BERT, BOS for
+Gemma) plus a BOS for tokenizers that add none when the model config asks for one
+(GPT-2, Pythia). Position 0 is therefore BOS/[CLS] for every model.
+
+Packed (the default): documents are concatenated, each followed by a separator (EOS, or
+[SEP] for BERT), and cut into sequences; the remainder that does not fill one is dropped.
+Unpacked: one document per sequence, truncated, then padded; `mask` is False on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+
+from posae.config import ConfigError
+
+TOKENIZE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    separator: int
+    pad: int
+    # Every special id of the tokenizer, so later stages can leave them out.
+    all_ids: tuple[int, ...]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, prepend_bos: bool) -> "SpecialTokens":
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a", add_special_tokens=True)["input_ids"]
+        start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
+        prefix, suffix = tuple(full[:start]), tuple(full[start + len(plain) :])
+        if prepend_bos and not prefix:
+            if tokenizer.bos_token_id is None:
+                raise ConfigError("model.prepend_bos: this tokenizer has no BOS token")
+            prefix = (tokenizer.bos_token_id,)
+        separator = next(
+            (t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), None
+        )
+        if separator is None:
+            raise ValueError("the tokenizer has neither an EOS nor a SEP token to separate documents")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator
+        return cls(prefix, suffix, separator, pad, tuple(sorted(set(tokenizer.all_special_ids))))
+
+    def content_length(self, context_size: int) -> int:
+        n = context_size - len(self.prefix) - len(self.suffix)
+        if n < 1:
+            raise ConfigError(f"context_size={context_size} leaves no room beside special tokens")
+        return n
+
+
+def _token_lists(docs: Iterable[str], tokenizer) -> Iterator[list[int]]:
+    docs = iter(docs)
+    while batch := list(islice(docs, TOKENIZE_BATCH)):
+        yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+
+def _packed(docs, tokenizer, special: SpecialTokens, context_size: int):
+    n = special.content_length(context_size)
+    prefix, suffix = list(special.prefix), list(special.suffix)
+    buffer: list[int] = []
+    for ids in _token_lists(docs, tokenizer):
+        buffer += ids
+        buffer.append(special.separator)
+        start = 0
+        while len(buffer) - start >= n:
+            yield prefix + buffer[start : start + n] + suffix, context_size
+            start += n
+        del buffer[:start]
+
+
+def _unpacked(docs, tokenizer, special: SpecialTokens, context_size: int):
+    n = special.content_length(context_size)
+    for ids in _token_lists(docs, tokenizer):
+        if ids:
+            seq = list(special.prefix) + ids[:n] + list(special.suffix)
+            yield seq + [special.pad] * (context_size - len(seq)), len(seq)
+
+
+def iter_sequence_blocks(
+    docs: Iterable[str],
+    tokenizer,
+    special: SpecialTokens,
+    context_size: int,
+    pack: bool,
+    block_size: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (tokens int32 [n, T], mask bool [n, T]) with n = block_size, the last maybe fewer."""
+    sequences = (_packed if pack else _unpacked)(docs, tokenizer, special, context_size)
+    while block := list(islice(sequences, block_size)):
+        tokens = np.array([seq for seq, _ in block], dtype=np.int32)
+        lengths = np.array([length for _, length in block])
+        yield tokens, np.arange(context_size)[None, :] < lengths[:, None]

@@ -1,0 +1,82 @@
+"""Documents from the configured text source, in a fixed order."""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from posae.config import ConfigError, DatasetConfig
+from posae.data.stdlib_docs import iter_stdlib_docstrings, stdlib_version
+
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def source_identity(ds: DatasetConfig) -> dict:
+    """What determines the text, recorded in the cache manifest and its directory name."""
+    identity = {"source": ds.source, "pack": ds.pack}
+    if ds.source == "stdlib_docs":
+        identity["python"] = stdlib_version()
+    elif ds.source == "hf":
+        identity.update(path=ds.path, split=ds.split, text_field=ds.text_field)
+    else:
+        identity.update(paths=list(ds.paths), text_field=ds.text_field)
+    return identity
+
+
+def expand_paths(patterns: list[str]) -> list[Path]:
+    """Files matching each glob, sorted; a glob matching nothing is an error naming it."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise ConfigError(f"dataset.paths: {pattern!r} matches no file")
+        for path in matches:
+            if path.suffix not in TEXT_FILE_SUFFIXES:
+                raise ConfigError(
+                    f"dataset.paths: {path} is not one of {', '.join(TEXT_FILE_SUFFIXES)}"
+                )
+        files += matches
+    return files
+
+
+def iter_text_file(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield _field(json.loads(line), text_field, f"{path}:{number}")
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise ConfigError(f"dataset.text_field: {path} has no column {text_field!r}")
+        yield from table.column(text_field).to_pylist()
+
+
+def _field(row: dict, text_field: str, where: str) -> str:
+    if text_field not in row:
+        raise ConfigError(f"dataset.text_field: {where} has no field {text_field!r}")
+    return row[text_field]
+
+
+def iter_hf_stream(ds: DatasetConfig) -> Iterator[str]:
+    """Stream a Hugging Face dataset (needs network access to the Hub)."""
+    import datasets
+
+    stream = datasets.load_dataset(ds.path, split=ds.split, streaming=True)
+    for row in stream:
+        yield _field(row, ds.text_field, f"{ds.path} ({ds.split})")
+
+
+def iter_documents(ds: DatasetConfig) -> Iterator[str]:
+    if ds.source == "stdlib_docs":
+        return iter_stdlib_docstrings()
+    if ds.source == "text_files":
+        files = expand_paths(list(ds.paths))
+        return (doc for path in files for doc in iter_text_file(path, ds.text_field))
+    return iter_hf_stream(ds)
