@@ -16,8 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from posae.data.cache_format import (
-    ARRAYS, CacheCorruptError, CacheError, CacheSpec, check_identity, file_sha256,
-    from_storage, read_manifest,
+    ARRAYS,
+    CacheCorruptError,
+    CacheError,
+    CacheSpec,
+    check_identity,
+    file_sha256,
+    from_storage,
+    read_manifest,
 )
 
 

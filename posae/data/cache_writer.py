@@ -22,8 +22,17 @@ from tqdm.auto import tqdm
 
 from posae.config import CacheRequest
 from posae.data.cache_format import (
-    ARRAYS, CacheMismatchError, CacheSpec, check_identity, read_manifest, shard_file,
-    shard_stats, summarise_stats, to_storage, write_array, write_manifest,
+    ARRAYS,
+    CacheMismatchError,
+    CacheSpec,
+    check_identity,
+    read_manifest,
+    shard_file,
+    shard_stats,
+    summarise_stats,
+    to_storage,
+    write_array,
+    write_manifest,
 )
 from posae.data.sequences import SpecialTokens, iter_sequence_blocks
 from posae.data.text import iter_documents
@@ -124,6 +133,40 @@ def build_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class ShardWrites:
+    """Runs shard writes one at a time: in a worker thread, or inline.
+
+    On a GPU the writes overlap the next forward. On a CPU the forward already keeps every
+    core busy, and a third thread only slows torch's own, so writes run inline there.
+    """
+
+    def __init__(self, background: bool):
+        self.pool = ThreadPoolExecutor(max_workers=1) if background else None
+        self.pending: Future | None = None
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        if self.pool is None:
+            fn(*args)
+        else:
+            self.pending = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def __enter__(self) -> "ShardWrites":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
 def forward_shard(lm: LanguageModel, layers: list[int], tokens: np.ndarray, mask: np.ndarray,
                   batch: int, dtype: str) -> dict[int, np.ndarray]:
     """Residual stream after each of `layers` for a shard, padding zeroed, in storage dtype."""
@@ -171,8 +214,7 @@ def _write_shards(req, lm, special, writers, target, docs) -> None:
     written = start * size
     bar = tqdm(total=target * context, initial=written * context, unit="tok", unit_scale=True,
                desc=f"caching {req.model.name} layers {req.layers}", dynamic_ncols=True)
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as pool, bar:
+    with ShardWrites(background=lm.device.type != "cpu") as writes, bar:
         for index, (tokens, mask) in enumerate(blocks):
             if index >= n_shards:
                 break
@@ -183,13 +225,9 @@ def _write_shards(req, lm, special, writers, target, docs) -> None:
             todo = [w for w in writers if have[w.layer] <= index]
             acts = forward_shard(lm, [w.layer for w in todo], tokens, mask,
                                  req.cache.batch_sequences, req.cache.dtype)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(_append_all, todo, index, acts, tokens, mask)
+            writes.submit(_append_all, todo, index, acts, tokens, mask)
             written += len(tokens)
             bar.update(len(tokens) * context)
-        if pending is not None:
-            pending.result()
     if written < target:
         log.warning("the text ran out after %d of %d sequences; the cache holds all of it",
                     written, target)

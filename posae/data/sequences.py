@@ -46,7 +46,7 @@ class SpecialTokens:
             (t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), None
         )
         if separator is None:
-            raise ValueError("the tokenizer has neither an EOS nor a SEP token to separate documents")
+            raise ValueError("the tokenizer has no EOS or SEP token to separate documents")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator
         return cls(prefix, suffix, separator, pad, tuple(sorted(set(tokenizer.all_special_ids))))
 

@@ -1,0 +1,22 @@
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# Installed only when no torch is importable. On this project's CPU machines the pinned
+# version resolves to the CPU wheel on local disk; on a GPU machine to the usual CUDA build.
+# A cluster's own torch is kept. Override: make install TORCH='torch==2.5.1'.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test run bench-cache
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+
+test:
+	$(PYTHON) -m pytest
+
+# The main job on the embedded default (MiniLM, stdlib docstrings).
+run:
+	$(PYTHON) -m posae.train
+
+bench-cache:
+	$(PYTHON) benchmarks/bench_cache.py

@@ -1,0 +1,94 @@
+"""Every config composes; bad keys fail before any compute with a message naming them."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, compose_config, run_module
+from hydra.errors import MissingConfigException
+
+from posae.config import (
+    ConfigError,
+    cache_config,
+    cache_request,
+    dataset_config,
+    model_config,
+)
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+
+
+def test_the_papers_models_are_configured():
+    assert {"gemma-2-2b", "gpt2", "pythia-70m", "minilm"} <= set(MODELS)
+    gemma = model_config(compose_config(overrides=["model=gemma-2-2b"]).model)
+    assert (gemma.n_layers, gemma.d_model, gemma.kind) == (26, 2304, "causal")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_model_and_dataset_compose_for_train_and_cache(model, dataset):
+    extra = ["dataset.paths=[corpus/*.txt]"] if dataset == "text_files" else []
+    for name, key in (("config", "layer"), ("cache", "layers")):
+        cfg = compose_config(name, [f"model={model}", f"dataset={dataset}", "layer=1" if
+                                    key == "layer" else "layers=[0,1]", *extra])
+        req = cache_request(cfg, key)
+        assert req.model.name == model and req.dataset.name == dataset
+
+
+def test_train_config_composes_all_groups():
+    cfg = compose_config()
+    for group in ("model", "dataset", "cache", "variant", "loss", "optim", "trainer", "logger"):
+        assert group in cfg, group
+    assert set(cfg.loss) == {"mse", "l1"} and cfg.loss.l1.coef == 0.04
+    assert isinstance(cfg.layer, int) and cfg.context_size == 128
+
+
+def test_layer_override_as_plain_integer_reaches_deep_models():
+    cfg = compose_config(overrides=["model=gemma-2-2b", "layer=12"])
+    assert cache_request(cfg, "layer").layers == [12]
+
+
+@pytest.mark.parametrize("value, words", [
+    ("abc", "must be an integer"), ("3.5", "must be an integer"), ("6", "beyond model 'minilm'"),
+    ("-1", "beyond model"),
+])
+def test_bad_layer_names_the_key(value, words):
+    with pytest.raises(ConfigError, match=rf"^layer.*{words}"):
+        cache_request(compose_config(overrides=[f"layer={value}"]), "layer")
+
+
+def test_bad_layers_list_names_the_key():
+    with pytest.raises(ConfigError, match=r"^layers.*beyond"):
+        cache_request(compose_config("cache", ["layers=[1,9]"]), "layers")
+
+
+def test_unknown_variant_is_refused_by_name():
+    with pytest.raises(MissingConfigException, match="variant"):
+        compose_config(overrides=["variant=no_such_variant"])
+
+
+def test_typed_errors_name_the_field():
+    cfg = compose_config(overrides=["model.n_layers=six"])
+    with pytest.raises(ConfigError, match=r"^model\.n_layers"):
+        model_config(cfg.model)
+    with pytest.raises(ConfigError, match=r"^cache\.dtype"):
+        cache_config(compose_config(overrides=["cache.dtype=int8"]).cache)
+    with pytest.raises(ConfigError, match=r"^dataset\.paths"):
+        dataset_config(compose_config(overrides=["dataset=text_files"]).dataset)
+    with pytest.raises(ConfigError, match=r"^n_tokens"):
+        cache_request(compose_config(overrides=["n_tokens=0"]), "layer")
+
+
+def test_cli_rejects_bad_layer_before_any_compute(tmp_path):
+    """The real entry point exits 2 naming the key, and writes no cache."""
+    result = run_module("posae.train", "layer=12", f"cache.root={tmp_path / 'cache'}",
+                        f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.output
+    assert "layer=12 is beyond model 'minilm'" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_rejects_unknown_variant(tmp_path):
+    result = run_module("posae.train", "variant=nope", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "variant/nope" in result.output
