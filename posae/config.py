@@ -176,3 +176,69 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
         n_tokens=positive_int(cfg.n_tokens, "n_tokens"),
         layers=layers,
     )
+
+
+LR_SCHEDULES = ("constant", "warmup", "cosine")
+OPTIMIZERS = ("adam", "adamw")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (conf/optim/)."""
+
+    name: str = "adam"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    schedule: str = "warmup"
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop (conf/trainer/)."""
+
+    n_tokens: int = 1_000_000
+    batch_tokens: int = 2048
+    window: Optional[int] = None
+    eval_fraction: float = 0.05
+    train_on_special_tokens: bool = False
+    normalize_activations: bool = True
+    grad_clip: Optional[float] = None
+    dead_after_tokens: int = 100_000
+    resample_every: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    mixed_precision: str = "auto"
+    cpu: bool = False
+
+
+def optim_config(node: Any) -> OptimConfig:
+    cfg = typed(node, OptimConfig, "optim")
+    _choice(cfg.name, OPTIMIZERS, "optim.name")
+    _choice(cfg.schedule, LR_SCHEDULES, "optim.schedule")
+    if cfg.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {cfg.lr}")
+    return cfg
+
+
+def trainer_config(node: Any, context_size: int) -> TrainerConfig:
+    cfg = typed(node, TrainerConfig, "trainer")
+    _choice(cfg.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
+    window = cfg.window or context_size
+    if not 1 <= window <= context_size:
+        raise ConfigError(f"trainer.window: must be in 1..context_size={context_size}, "
+                          f"got {cfg.window}")
+    cfg.window = window
+    if cfg.batch_tokens < window or cfg.batch_tokens % window:
+        raise ConfigError(f"trainer.batch_tokens={cfg.batch_tokens} must be a multiple of the "
+                          f"window ({window} tokens)")
+    if not 0 < cfg.eval_fraction < 1:
+        raise ConfigError(f"trainer.eval_fraction: must be in (0, 1), got {cfg.eval_fraction}")
+    for key in ("n_tokens", "checkpoint_every", "keep_checkpoints", "log_every",
+                "dead_after_tokens"):
+        positive_int(getattr(cfg, key), f"trainer.{key}")
+    return cfg

@@ -1,31 +1,103 @@
-"""`python -m posae.train`: compose the config, validate it, build the cache if missing, open it.
+"""`python -m posae.train`: train an SAE on cached activations, save it, report held-out metrics.
 
-    python -m posae.train variant=relu layer=3
+    python -m posae.train variant=topk layer=3
+    accelerate launch -m posae.train model=gemma-2-2b layer=12
+    python -m posae.train resume=true hydra.run.dir=outputs/runs/<date>/<run>
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import sys
+
 import hydra
+import torch
+from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from posae.cli import CONFIG_PATH, exit_on_user_error, log
-from posae.config import cache_request
+from posae.config import cache_request, optim_config, trainer_config
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
+from posae.eval.core import core_metrics
+from posae.losses import build_loss_terms
+from posae.sae import build_sae, sae_config, save_sae
+from posae.training.batches import BatchLoader, split_sequences, whole_sequences
+from posae.training.checkpoint import load_checkpoint
+from posae.training.loggers import make_logger
+from posae.training.run import run_config, run_name_and_group, shared_run_dir
+from posae.training.trainer import Trainer, TrainingInterrupted
+
+
+def make_accelerator(trainer_node) -> Accelerator:
+    cpu = bool(trainer_node.cpu) or not torch.cuda.is_available()
+    precision = trainer_node.mixed_precision
+    if precision == "auto":
+        precision = "no" if cpu else "bf16"
+    return Accelerator(cpu=cpu, mixed_precision=precision)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    accelerator = make_accelerator(cfg.trainer)
+    run_dir = shared_run_dir(accelerator)
+    cfg, checkpoint = run_config(cfg, run_dir, accelerator.is_main_process)
+
+    # validate everything before any compute
     req = cache_request(cfg, "layer")
-    build_cache(req)
-    cache = ActivationCache.open(CacheSpec.from_request(req), req.layers[0], req.cache.verify)
-    log.info(
-        "activations: %s, layer %d: %d sequences x %d tokens, d=%d, E|x|=%.3f",
-        cache.dir, req.layers[0], len(cache), cache.context_size, cache.d_model,
-        cache.stats["mean_norm"],
-    )
+    layer = req.layers[0]
+    optim, tcfg = optim_config(cfg.optim), trainer_config(cfg.trainer, req.context_size)
+    sae_cfg = sae_config(cfg.variant, req.model.d_model)
+    terms = build_loss_terms(cfg.loss)
+
+    with accelerator.main_process_first():
+        build_cache(req)
+    cache = ActivationCache.open(CacheSpec.from_request(req), layer, req.cache.verify)
+    train_ids, eval_ids = split_sequences(len(cache), tcfg.eval_fraction)
+    torch.manual_seed(cfg.seed)
+    name, group = run_name_and_group(run_dir)
+    logger = make_logger(cfg, run_dir, name, group,
+                         checkpoint and load_checkpoint(checkpoint, torch.device("cpu"))
+                         ["wandb_run_id"], accelerator.is_main_process)
+    trainer = Trainer(build_sae(sae_cfg), terms, optim, tcfg, cache, train_ids, cfg.seed,
+                      accelerator, run_dir, logger)
+    if checkpoint is not None:
+        trainer.load_state_dict(load_checkpoint(checkpoint, accelerator.device))
+        log.info("resuming %s from step %d", run_dir, trainer.step)
+    log.info("training %s (%d latents) on %s layer %d: %d steps of %d tokens, %d processes",
+             sae_cfg.name, sae_cfg.d_sae, req.model.name, layer, trainer.total_steps,
+             tcfg.batch_tokens, accelerator.num_processes)
+    try:
+        seconds = trainer.fit()
+    except TrainingInterrupted as stop:
+        log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run_dir)
+        logger.finish()
+        sys.exit(128 + stop.signum)
+
+    if accelerator.is_main_process:
+        final = copy.deepcopy(trainer.sae).eval()
+        final.fold_input_scale_(trainer.scale)
+        save_sae(final, run_dir / "sae", {
+            "model": {"name": req.model.name, "hf_id": req.model.hf_id},
+            "layer": layer, "hook": cache.manifest["hook"], "context_size": req.context_size,
+            "dataset": req.dataset.name, "cache": str(cache.dir),
+            "folded_input_scale": trainer.scale,
+            "train_on_special_tokens": tcfg.train_on_special_tokens,
+        })
+        loader = BatchLoader(cache, req.context_size, 1.0, tcfg.train_on_special_tokens,
+                             accelerator.device)
+        metrics = core_metrics(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)))
+        summary = {"held_out": metrics, "steps": trainer.step,
+                   "tokens": trainer.step * tcfg.batch_tokens, "train_seconds": seconds}
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        logger.summary({f"eval/{k}": v for k, v in metrics.items()})
+        log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
+                 metrics["explained_variance"], metrics["l0"], metrics["mse"],
+                 metrics["dead_fraction"], run_dir / "sae")
+    logger.finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Evaluation metrics (DESIGN.md, "Metric definitions")."""

@@ -1,0 +1,87 @@
+"""Loss terms and their coefficients (DESIGN.md, "SAE and loss interfaces").
+
+A term reads the SAE output and the batch and returns an unweighted scalar: by default
+the mean over the batch's counted tokens of a per-token value. Its coefficient is a
+`Coefficient`: constant, a linear warmup, or a controller that updates itself from
+training statistics after each step. Coefficients are checkpointed with the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from posae.sae.base import SAE, SAEOutput
+
+
+@dataclass
+class StepContext:
+    """What a loss term may need beyond the output and the batch."""
+
+    step: int
+    # Normaliser of token means: counted tokens in the global batch / number of processes,
+    # so that data-parallel gradient averaging gives the exact global-batch mean.
+    n_tokens: float
+    sae: SAE
+    # Latents that have not fired for trainer.dead_after_tokens (bool [d_sae]).
+    dead: Tensor
+
+
+class Coefficient:
+    """A loss coefficient: value at a step, optionally updated from training statistics."""
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+    def update(self, stats: dict[str, float]) -> None:
+        """Called after every optimiser step with that step's statistics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Constant(Coefficient):
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+
+class LinearWarmup(Coefficient):
+    """0 at step 0, rising linearly to `value` at `steps`, constant after."""
+
+    def __init__(self, value: float, steps: int):
+        self.value, self.steps = float(value), int(steps)
+
+    def __call__(self, step: int) -> float:
+        return self.value * min(1.0, step / self.steps)
+
+
+def make_coefficient(coef: float | Coefficient, warmup_steps: int = 0) -> Coefficient:
+    if isinstance(coef, Coefficient):
+        return coef
+    return LinearWarmup(coef, warmup_steps) if warmup_steps > 0 else Constant(coef)
+
+
+class LossTerm:
+    """A weighted term of the training loss. Subclasses define `per_token` or `__call__`."""
+
+    def __init__(self, coef: float | Coefficient = 1.0, warmup_steps: int = 0):
+        self.coefficient = make_coefficient(coef, warmup_steps)
+
+    def per_token(self, out: SAEOutput, batch, ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, out: SAEOutput, batch, ctx: StepContext) -> Tensor:
+        return token_mean(self.per_token(out, batch, ctx), batch.mask, ctx)
+
+
+def token_mean(values: Tensor, mask: Tensor, ctx: StepContext) -> Tensor:
+    """Σ over counted tokens / ctx.n_tokens, in float32 whatever the autocast dtype."""
+    return (values.float() * mask).sum() / ctx.n_tokens

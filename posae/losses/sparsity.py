@@ -1,0 +1,20 @@
+"""Sparsity penalties."""
+
+from __future__ import annotations
+
+from posae.losses.base import LossTerm
+
+
+class L1(LossTerm):
+    """λ Σ_i |f_i| per token (000 eq. 1, second term). Architectures may name other codes
+    to penalise in `extras["l1_codes"]` (the Gated SAE's ReLU(π_gate))."""
+
+    def per_token(self, out, batch, ctx):
+        return out.extras.get("l1_codes", out.f).abs().sum(-1)
+
+
+class L0(LossTerm):
+    """λ Σ_i H(pre_i - θ_i) per token, the JumpReLU penalty with its STE (`extras["l0"]`)."""
+
+    def per_token(self, out, batch, ctx):
+        return out.extras["l0"]

@@ -1,0 +1,73 @@
+"""SAE architectures, a name → class registry, and saving/loading without pickle.
+
+A saved SAE is a folder with `cfg.json` (architecture name, its typed config, and where
+its inputs come from) and `sae_weights.safetensors`. Loading looks the name up in
+`REGISTRY`; nothing from the folder is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from posae.config import ConfigError, typed
+from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.gated import GatedSAE
+from posae.sae.jumprelu import JumpReLUSAE
+from posae.sae.relu import ReLUSAE
+from posae.sae.topk import BatchTopKSAE, TopKSAE
+
+REGISTRY: dict[str, type[SAE]] = {
+    "relu": ReLUSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
+}
+
+CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+
+
+def architecture(name: str) -> type[SAE]:
+    if name not in REGISTRY:
+        raise ConfigError(f"variant.name: unknown SAE architecture {name!r}; "
+                          f"known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def sae_config(variant, d_in: int) -> SAEConfig:
+    """The typed config of `variant` (a composed conf/variant node) for inputs of width d_in."""
+    cls = architecture(variant.name)
+    cfg = typed(variant, cls.config_class, "variant")
+    cfg.d_in = d_in
+    if cfg.d_sae < 1:
+        raise ConfigError(f"variant: width {cfg.d_sae} must be positive")
+    return cfg
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    return architecture(cfg.name)(cfg)
+
+
+def save_sae(sae: SAE, folder: Path, metadata: dict | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"architecture": sae.cfg.name, "config": dataclasses.asdict(sae.cfg),
+              **(metadata or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(record, indent=1))
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()},
+              str(folder / WEIGHTS_FILE))
+
+
+def load_sae(folder: Path, device: str = "cpu") -> SAE:
+    record = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    cls = architecture(record["architecture"])
+    sae = cls(cls.config_class(**record["config"]))
+    sae.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE), device=device))
+    return sae.to(device).eval()
+
+
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "REGISTRY", "build_sae", "load_sae", "save_sae",
+           "sae_config"]

@@ -1,0 +1,98 @@
+"""The SAE interface every architecture implements (DESIGN.md, "SAE and loss interfaces").
+
+    pre = (x - b_dec) @ W_enc + b_enc          encoder pre-activations
+    f   = activation(pre)                      codes (architecture specific)
+    x̂   = f @ W_dec + b_dec                    linear decoder, rows of W_dec = feature directions
+
+`forward(x, pos, mask)` returns `SAEOutput(x_hat, f, pre, extras)`; `pos` [B, T] are the
+true token positions and `mask` [B, T] the tokens that count, both ignored by
+position-agnostic architectures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class SAEConfig:
+    """Fields every architecture shares; subclasses add their own."""
+
+    name: str
+    d_in: int = 0
+    expansion_factor: int = 8
+    # Explicit number of latents; overrides expansion_factor when set.
+    width: Optional[int] = None
+    # Unit-norm decoder rows, with the gradient component parallel to each row removed.
+    normalize_decoder: bool = True
+
+    @property
+    def d_sae(self) -> int:
+        return self.width or self.expansion_factor * self.d_in
+
+
+@dataclass
+class SAEOutput:
+    x_hat: Tensor
+    f: Tensor
+    pre: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        W_dec = torch.randn(d_sae, d_in)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def pre_activations(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Tensor, mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor, pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return self.activation(self.pre_activations(x, pos), mask)
+
+    def decode(self, f: Tensor, pos: Tensor | None = None) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor, pos: Tensor | None = None,
+                mask: Tensor | None = None) -> SAEOutput:
+        pre = self.pre_activations(x, pos)
+        f = self.activation(pre, mask)
+        return SAEOutput(self.decode(f, pos), f, pre)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale each feature's own decoder vector (a row of W_dec) to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out of each row's gradient its component along that (unit) row."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on `scale * x` act on raw x with identical codes.
+
+        pre = (s x - b) W + c = (x - b/s)(s W) + c, and x̂ = (f W_dec + b)/s.
+        """
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale

@@ -1,0 +1,82 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead").
+
+    f = pre * H(pre - θ),  θ = exp(log_threshold) per latent.
+
+H has zero gradient almost everywhere, so θ learns through straight-through estimators
+with a rectangle kernel of width `bandwidth` ε (their eq. 11-12):
+    ∂/∂θ [pre H(pre-θ)] ≈ -(θ/ε) K((pre-θ)/ε),   ∂/∂θ H(pre-θ) ≈ -(1/ε) K((pre-θ)/ε),
+with K(u) = 1 for |u| < 1/2. The L0 penalty reads `extras["l0"]`, Σ_i H(pre_i - θ_i)
+per token, which carries the second estimator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from posae.sae.base import SAE, SAEConfig, SAEOutput
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    initial_threshold: float = 0.001
+    bandwidth: float = 0.001
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = -(threshold / eps) * _rectangle((pre - threshold) / eps) * grad
+        return grad_pre, grad_threshold.reshape(-1, threshold.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad
+        return None, grad_threshold.reshape(-1, threshold.shape[-1]).sum(0), None
+
+
+class JumpReLUSAE(SAE):
+    config_class = JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(
+            torch.full((cfg.d_sae,), float(torch.tensor(cfg.initial_threshold).log())))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, pre, mask=None):
+        return _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
+
+    def forward(self, x, pos=None, mask=None) -> SAEOutput:
+        pre = self.pre_activations(x, pos)
+        f = self.activation(pre, mask)
+        l0 = _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum(-1)
+        return SAEOutput(self.decode(f, pos), f, pre, {"l0": l0})

@@ -1,0 +1,66 @@
+"""A run's folder: one per run even with several processes, its saved config, resuming."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from posae.config import ConfigError
+from posae.training.checkpoint import latest_checkpoint
+
+RUN_CONFIG = "run_config.yaml"
+
+
+def shared_run_dir(accelerator: Accelerator) -> Path:
+    """Rank 0's Hydra output folder, on every rank; other ranks' folders are removed."""
+    own = Path(HydraConfig.get().runtime.output_dir)
+    chosen = Path(broadcast_object_list([str(own)])[0])
+    if chosen != own:
+        shutil.rmtree(own, ignore_errors=True)
+    return chosen
+
+
+def run_name_and_group(run_dir: Path) -> tuple[str, str | None]:
+    """W&B name and group: multirun jobs are grouped by their sweep."""
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN:
+        sweep = Path(hydra.sweep.dir).name
+        return f"{sweep}/{hydra.job.num}", sweep
+    return run_dir.name, None
+
+
+def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfig, Path | None]:
+    """The config this run uses and the checkpoint to continue from, if any.
+
+    A new run saves its resolved config. `resume=true` reloads it: overrides given again must
+    match it (a sweep can be relaunched as it was), and other overrides are refused.
+    """
+    saved = run_dir / RUN_CONFIG
+    if not cfg.resume:
+        if saved.exists() and latest_checkpoint(run_dir):
+            raise ConfigError(f"hydra.run.dir: {run_dir} already holds a run; pass resume=true to "
+                              f"continue it or choose another folder")
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, saved, resolve=True)
+        return cfg, None
+    if not saved.exists():
+        raise ConfigError(f"resume=true: no {RUN_CONFIG} in {run_dir}; set hydra.run.dir to the "
+                          f"folder of the run to continue")
+    previous = OmegaConf.load(saved)
+    for override in OverridesParser.create().parse_overrides(HydraConfig.get().overrides.task):
+        key = override.key_or_group
+        if key == "resume" or key.startswith("hydra"):
+            continue
+        if OmegaConf.select(cfg, key) != OmegaConf.select(previous, key):
+            raise ConfigError(f"resume=true: {override.input_line} differs from the run's saved "
+                              f"config in {saved}")
+    previous.resume = True
+    return previous, latest_checkpoint(run_dir)

@@ -1,0 +1,194 @@
+"""The training loop: Accelerate data parallelism over cached windows, one global batch per step.
+
+Each step: this process's share of the global batch → SAE forward (bf16 autocast on GPU)
+→ weighted loss terms, each a mean over the global batch's counted tokens → backward
+(gradients averaged across processes) → decoder-gradient projection, clipping, optimiser
+and LR step → unit-norm decoder → global statistics (losses, L0, firing) → dead-latent
+tracker and coefficient controllers. Checkpoints every N steps and on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from tqdm.auto import tqdm
+
+from posae.config import ConfigError, OptimConfig, TrainerConfig
+from posae.data.cache_reader import ActivationCache
+from posae.losses import LossTerm, StepContext
+from posae.sae.base import SAE
+from posae.training.batches import BatchLoader, WindowOrder
+from posae.training.checkpoint import save_checkpoint
+from posae.training.dead import DeadLatents, resample_latents
+from posae.training.schedule import lr_multiplier
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving a checkpoint")
+        self.signum = signum
+
+
+def input_scale(cache: ActivationCache, normalize: bool) -> float:
+    """√d / E‖x‖, so that scaled inputs have E‖x‖ = √d (1 when normalisation is off)."""
+    return math.sqrt(cache.d_model) / cache.stats["mean_norm"] if normalize else 1.0
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    def __init__(self, sae: SAE, terms: dict[str, LossTerm], optim: OptimConfig,
+                 cfg: TrainerConfig, cache: ActivationCache, train_ids: np.ndarray, seed: int,
+                 accelerator: Accelerator, run_dir: Path, logger):
+        self.cfg, self.terms, self.accelerator = cfg, terms, accelerator
+        self.run_dir, self.logger = run_dir, logger
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.units_per_step = cfg.batch_tokens // cfg.window
+        if self.units_per_step % self.world:
+            raise ConfigError(
+                f"trainer.batch_tokens={cfg.batch_tokens} gives {self.units_per_step} windows, "
+                f"which do not split evenly across {self.world} processes")
+        self.total_steps = math.ceil(cfg.n_tokens / cfg.batch_tokens)
+        self.scale = input_scale(cache, cfg.normalize_activations)
+        self.order = WindowOrder(train_ids, cache.context_size, cfg.window, seed)
+        self.loader = BatchLoader(cache, cfg.window, self.scale, cfg.train_on_special_tokens,
+                                  accelerator.device)
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.tensor(cache.stats["mean"]) * self.scale)
+        self.model, self.optimizer = accelerator.prepare(sae, make_optimizer(sae.parameters(),
+                                                                             optim))
+        self.sae: SAE = accelerator.unwrap_model(self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer, lr_multiplier(optim, self.total_steps))
+        self.dead = DeadLatents(self.sae.cfg.d_sae, cfg.dead_after_tokens, accelerator.device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.stop_signal = 0
+
+    # ----- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "order": self.order.state_dict(),
+            "dead": self.dead.state_dict(),
+            "coefficients": {n: t.coefficient.state_dict() for n, t in self.terms.items()},
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+            "wandb_run_id": self.logger.run_id,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order.load_state_dict(state["order"])
+        self.dead.load_state_dict(state["dead"])
+        for name, term in self.terms.items():
+            term.coefficient.load_state_dict(state["coefficients"][name])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self.generator.set_state(state["rng"]["generator"].cpu())
+
+    def save_checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    # ----- one step ----------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        units = self.order.take(self.units_per_step)[self.rank :: self.world]
+        batch = self.loader.load(units)
+        n_global = self.accelerator.reduce(batch.mask.sum().float(), "sum").item()
+        ctx = StepContext(self.step, max(n_global, 1.0) / self.world, self.sae, self.dead.dead)
+        coefs = {name: term.coefficient(self.step) for name, term in self.terms.items()}
+        with self.accelerator.autocast():
+            out = self.model(batch.x, batch.pos, batch.mask)
+            values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
+            loss = sum(coefs[name] * value for name, value in values.items())
+        self.accelerator.backward(loss)
+        if self.sae.cfg.normalize_decoder:
+            self.sae.remove_parallel_decoder_grad_()
+        if self.cfg.grad_clip:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sae.cfg.normalize_decoder:
+            self.sae.normalize_decoder_()
+        stats = self._global_stats(out.f.detach(), batch.mask, values, coefs, n_global)
+        self.step += 1
+        if self.cfg.resample_every and self.step % self.cfg.resample_every == 0:
+            self._resample(batch, out.x_hat.detach())
+        for term in self.terms.values():
+            term.coefficient.update(stats)
+        return stats
+
+    def _global_stats(self, f, mask, values, coefs, n_global) -> dict[str, float]:
+        active = (f != 0) & mask[..., None]
+        local = torch.cat([torch.stack([v.detach().float() for v in values.values()]),
+                           active.sum().float()[None], active.any(0).any(0).float()])
+        total = self.accelerator.reduce(local, "sum")
+        k = len(values)
+        self.dead.update(total[k + 1 :] > 0, int(n_global))
+        stats = {f"loss/{name}": total[i].item() / self.world for i, name in enumerate(values)}
+        stats["loss/total"] = sum(coefs[n] * stats[f"loss/{n}"] for n in values)
+        stats.update({f"coef/{name}": c for name, c in coefs.items()})
+        stats["l0"] = total[k].item() / max(n_global, 1.0)
+        stats["dead_fraction"] = self.dead.dead.float().mean().item()
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def _resample(self, batch, x_hat) -> None:
+        dead = self.dead.dead.nonzero().squeeze(-1)
+        if dead.numel() == 0:
+            return
+        x = batch.x[batch.mask]
+        scores = (x - x_hat[batch.mask].float()).pow(2).sum(-1).pow(2)
+        resample_latents(self.sae, self.optimizer.optimizer, dead, x, scores, self.generator)
+        for param in (self.sae.W_enc, self.sae.W_dec, self.sae.b_enc):
+            param.data.copy_(broadcast(param.data, from_process=0))
+        self.dead.tokens_since_fired[dead] = 0
+
+    # ----- the loop ----------------------------------------------------------------------
+    def fit(self) -> float:
+        """Train to the end; return the wall time of this process's share."""
+        tokens_per_step = self.units_per_step * self.cfg.window
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=self.total_steps * tokens_per_step, initial=self.step * tokens_per_step,
+                   unit="tok", unit_scale=True, desc="training", dynamic_ncols=True,
+                   disable=not self.accelerator.is_main_process)
+        start = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                stats = self.train_step()
+                bar.update(tokens_per_step)
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    self.logger.log(stats, self.step)
+                    bar.set_postfix(loss=f"{stats['loss/total']:.3g}", l0=f"{stats['l0']:.1f}",
+                                    dead=f"{stats['dead_fraction']:.2f}")
+                stop = self.accelerator.reduce(
+                    torch.tensor(float(self.stop_signal), device=self.accelerator.device), "max")
+                if self.step % self.cfg.checkpoint_every == 0 or stop.item():
+                    self.save_checkpoint()
+                if stop.item():
+                    raise TrainingInterrupted(self.stop_signal or signal.SIGTERM)
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return time.perf_counter() - start
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
