@@ -90,7 +90,8 @@ def main(cfg: DictConfig) -> None:
         loader = BatchLoader(cache, req.context_size, 1.0, tcfg.train_on_special_tokens,
                              accelerator.device)
         metrics = core_metrics(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)))
-        summary = {"held_out": metrics, "steps": trainer.step,
+        summary = {"held_out": metrics, "final_train_stats": trainer.last_stats,
+                   "steps": trainer.step,
                    "tokens": trainer.step * tcfg.batch_tokens, "train_seconds": seconds}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         logger.summary({f"eval/{k}": v for k, v in metrics.items()})

@@ -74,6 +74,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.stop_signal = 0
+        self.last_stats: dict[str, float] = {}
 
     # ----- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -172,7 +173,7 @@ class Trainer:
         start = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                stats = self.train_step()
+                stats = self.last_stats = self.train_step()
                 bar.update(tokens_per_step)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     self.logger.log(stats, self.step)

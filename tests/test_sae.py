@@ -1,0 +1,151 @@
+"""Architectures, loss terms and saving, on small hand-checkable tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posae.losses.auxk import AuxK
+from posae.losses.base import LinearWarmup, StepContext
+from posae.losses.reconstruction import MSE
+from posae.losses.sparsity import L1
+from posae.sae import REGISTRY, build_sae, load_sae, save_sae
+from posae.sae.topk import sparse_decode
+from posae.training.batches import Batch
+
+D_IN, D_SAE = 16, 64
+
+
+def make(name: str, **extra):
+    torch.manual_seed(0)
+    cls = REGISTRY[name]
+    kwargs = {"k": 4} if name in ("topk", "batchtopk") else {}
+    return build_sae(cls.config_class(name=name, d_in=D_IN, width=D_SAE, **{**kwargs, **extra}))
+
+
+def inputs(b=3, t=5):
+    torch.manual_seed(1)
+    return torch.randn(b, t, D_IN), torch.arange(t).expand(b, t), torch.ones(b, t, dtype=bool)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_saved_sae_reloads_with_the_same_codes(name, tmp_path):
+    sae = make(name)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sae.eval()
+    x, pos, mask = inputs()
+    save_sae(sae, tmp_path, {"layer": 3})
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == name
+    loaded = load_sae(tmp_path)
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    assert torch.equal(loaded.encode(x, pos, mask), sae.encode(x, pos, mask))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_folding_the_input_scale_keeps_codes_and_rescales_output(name):
+    sae = make(name).eval()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x, pos, mask = inputs()
+    scale = 3.7
+    before = sae(scale * x, pos, mask)
+    sae.fold_input_scale_(scale)
+    after = sae(x, pos, mask)
+    torch.testing.assert_close(after.f, before.f, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after.x_hat, before.x_hat / scale, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_norm_decoder_rows_and_parallel_gradient_removed():
+    sae = make("relu")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_decoder_grad_()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+
+
+def test_topk_keeps_k_per_token_and_decodes_sparsely():
+    sae = make("topk")
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    assert ((out.f != 0).sum(-1) <= 4).all()
+    torch.testing.assert_close(out.x_hat, out.f @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    idx, val = out.extras["topk_indices"], out.extras["topk_values"]
+    torch.testing.assert_close(sparse_decode(idx, val, sae.W_dec), out.f @ sae.W_dec)
+
+
+def test_batchtopk_selects_k_times_tokens_over_the_batch_then_thresholds():
+    sae = make("batchtopk")
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # every pre-activation positive: exactly k * tokens selected
+    x, pos, mask = inputs()
+    mask[0, :2] = False
+    out = sae.train()(x, pos, mask)
+    assert (out.f != 0).sum() == 4 * int(mask.sum())
+    assert (out.f[~mask] == 0).all()
+    assert sae.threshold > 0 and sae.threshold_batches == 1
+    pre = sae.pre_activations(x)
+    assert torch.equal(sae.eval().encode(x), pre * (pre > sae.threshold))
+
+
+def test_jumprelu_forward_and_threshold_gradient():
+    sae = make("jumprelu", initial_threshold=0.5, bandwidth=0.2)
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    pre = out.pre.detach()
+    assert torch.equal(out.f.detach(), pre * (pre > 0.5))
+    assert torch.equal(out.extras["l0"].detach(), (pre > 0.5).float().sum(-1))
+    out.extras["l0"].sum().backward()
+    # ∂L0/∂θ_i = -(1/ε) #{tokens with |pre_i - θ_i| < ε/2}; d θ / d log θ = θ
+    near = ((pre - 0.5).abs() < 0.1).float().reshape(-1, D_SAE).sum(0)
+    torch.testing.assert_close(sae.log_threshold.grad, -near / 0.2 * 0.5)
+
+
+def test_gated_codes_are_gate_times_magnitude():
+    sae = make("gated")
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    gate = out.pre > 0
+    assert torch.equal(out.f != 0, gate & (sae.magnitudes(x) > 0))
+    torch.testing.assert_close(out.extras["l1_codes"], torch.relu(out.pre))
+
+
+def context(sae, n_tokens, dead=None):
+    dead = torch.zeros(sae.cfg.d_sae, dtype=bool) if dead is None else dead
+    return StepContext(step=0, n_tokens=n_tokens, sae=sae, dead=dead)
+
+
+def test_mse_and_l1_are_means_over_counted_tokens():
+    sae = make("relu")
+    x, pos, mask = inputs(1, 3)
+    mask[0, 2] = False
+    out = sae(x, pos, mask)
+    batch = Batch(x, pos, mask, torch.zeros(1, 3, dtype=torch.long))
+    mse = MSE()(out, batch, context(sae, 2.0))
+    expected = ((out.x_hat - x)[0, :2] ** 2).sum() / 2
+    torch.testing.assert_close(mse, expected)
+    torch.testing.assert_close(L1()(out, batch, context(sae, 2.0)), out.f[0, :2].abs().sum() / 2)
+
+
+def test_auxk_is_zero_without_dead_latents_and_uses_only_dead_ones():
+    sae = make("topk")
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    batch = Batch(x, pos, mask, torch.zeros(3, 5, dtype=torch.long))
+    assert AuxK(k_aux=8)(out, batch, context(sae, 15.0)) == 0
+    dead = torch.zeros(D_SAE, dtype=bool)
+    dead[:10] = True
+    loss = AuxK(k_aux=8)(out, batch, context(sae, 15.0, dead))
+    loss.backward()
+    assert loss > 0 and sae.W_dec.grad[10:].abs().sum() == 0 and sae.W_dec.grad[:10].abs().sum() > 0
+
+
+def test_linear_warmup_coefficient():
+    coef = LinearWarmup(0.04, 100)
+    assert coef(0) == 0 and coef(50) == pytest.approx(0.02) and coef(100) == coef(500) == 0.04

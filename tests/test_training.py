@@ -1,0 +1,173 @@
+"""`python -m posae.train` end to end on the embedded model: every variant, resume, DDP, W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CONF, REPO, run_module
+from posae.data.cache_reader import ActivationCache
+from posae.eval.core import core_metrics
+from posae.sae import load_sae
+from posae.training.batches import BatchLoader, whole_sequences
+
+VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
+# 200 sequences of 32 tokens; 20 steps of 512 tokens (16 windows).
+TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
+        "trainer.batch_tokens=512", "trainer.n_tokens=10240", "trainer.cpu=true",
+        "variant.expansion_factor=2", "optim.warmup_steps=5", "layer=2"]
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """One small cache shared by this module's runs (built by the first run)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def held_out_metrics(run_dir: Path) -> dict:
+    """Recompute held-out metrics from the saved SAE and the cache, as a user would."""
+    sae = load_sae(run_dir / "sae")
+    meta = json.loads((run_dir / "sae" / "cfg.json").read_text())
+    cache = ActivationCache(Path(meta["cache"]))
+    n_eval = len(cache) - round(len(cache) * 0.95)
+    loader = BatchLoader(cache, cache.context_size, 1.0, False, torch.device("cpu"))
+    ids = list(range(len(cache) - n_eval, len(cache)))
+    import numpy as np
+
+    return core_metrics(sae, (loader.load(u) for u in whole_sequences(np.array(ids), 32)))
+
+
+@pytest.mark.slow
+def test_every_variant_trains_twenty_steps_as_one_multirun(tmp_path, cache_root):
+    result = run_module("posae.train", "-m", f"variant={','.join(VARIANTS)}", *TINY,
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.output[-3000:]
+    for job, name in enumerate(VARIANTS):
+        run_dir = tmp_path / str(job)
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+        assert summary["steps"] == 20, name
+        assert all(math.isfinite(v) for v in summary["final_train_stats"].values()), name
+        held_out = summary["held_out"]
+        assert math.isfinite(held_out["explained_variance"]) and held_out["l0"] > 0, name
+        assert json.loads((run_dir / "sae" / "cfg.json").read_text())["architecture"] == name
+        again = held_out_metrics(run_dir)
+        assert again["explained_variance"] == pytest.approx(held_out["explained_variance"],
+                                                            rel=1e-9), name
+
+
+def train_command(run_dir: Path, cache_root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "posae.train", *TINY, "trainer.n_tokens=204800",
+            "trainer.checkpoint_every=25", "trainer.resample_every=30",
+            "trainer.dead_after_tokens=2048", f"cache.root={cache_root}",
+            f"hydra.run.dir={run_dir}", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cache_root, kill):
+    """A real signal mid-run; `resume=true` then finishes with exactly the uninterrupted SAE."""
+    whole = tmp_path / "whole"
+    subprocess.run(train_command(whole, cache_root), cwd=REPO, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(killed, cache_root), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("step_*")) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(kill)
+    assert proc.wait() == (128 + signal.SIGTERM if kill == signal.SIGTERM else -signal.SIGKILL)
+    assert not (killed / "sae").exists(), "the run finished before the signal"
+    resumed = run_module("posae.train", "resume=true", f"hydra.run.dir={killed}")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "resuming" in resumed.output
+    a = load_file(whole / "sae" / "sae_weights.safetensors")
+    b = load_file(killed / "sae" / "sae_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_override(tmp_path, cache_root):
+    run_dir = tmp_path / "run"
+    subprocess.run(train_command(run_dir, cache_root, "trainer.n_tokens=1024"), cwd=REPO,
+                   check=True, capture_output=True)
+    result = run_module("posae.train", "resume=true", "layer=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2 and "layer=3 differs from the run's saved config" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_matches_one_process(tmp_path, cache_root):
+    """Data parallel on the same global batch gives the single-process weights."""
+    args = [*TINY, "variant=relu", f"cache.root={cache_root}"]
+    single = run_module("posae.train", *args, f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.output[-3000:]
+    outputs = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "posae.train", *args, f"hydra.run.dir={outputs}/" + "${now:%H-%M-%S-%f}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:]
+    runs = [p for p in outputs.iterdir() if p.is_dir()]
+    assert len(runs) == 1, "one run folder for both processes"
+    a = load_file(tmp_path / "single" / "sae" / "sae_weights.safetensors")
+    b = load_file(runs[0] / "sae" / "sae_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_when_not_logged_in(tmp_path, cache_root):
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    result = subprocess.run(
+        [sys.executable, "-m", "posae.train", *TINY, "logger=wandb", f"cache.root={cache_root}",
+         f"hydra.run.dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**env, "HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stdout[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    records = runs[0].read_bytes()  # protobuf records: keys are stored as plain strings
+    for key in (b"loss/mse", b"loss/l1", b"coef/l1", b"l0", b"dead_fraction", b"lr",
+                b"eval/explained_variance", b"batch_tokens"):
+        assert key in records, key
+
+
+def test_wandb_logger_records_config_metrics_group_and_summary(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from posae.training.loggers import WandbLogger, wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = OmegaConf.create({"logger": {"project": "posae-test", "entity": None, "mode": "auto"},
+                            "layer": 3, "variant": {"name": "topk", "k": 32}})
+    logger = WandbLogger(cfg, tmp_path, name="sweep/0", group="sweep", run_id=None)
+    try:
+        logger.log({"loss/mse": 1.5, "l0": 32.0}, step=1)
+        logger.summary({"eval/explained_variance": 0.8})
+        run = logger.run
+        assert run.group == "sweep" and run.name == "sweep/0" and run.offline
+        assert run.config["variant"]["k"] == 32 and run.config["layer"] == 3
+        assert run.summary["eval/explained_variance"] == 0.8
+    finally:
+        logger.finish()
