@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # A cluster's own torch is kept. Override: make install TORCH='torch==2.5.1'.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test run bench-cache
+.PHONY: install test run bench-cache bench-train
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -20,3 +20,6 @@ run:
 
 bench-cache:
 	$(PYTHON) benchmarks/bench_cache.py
+
+bench-train:
+	$(PYTHON) benchmarks/bench_train.py

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, REPO, run_module
 from safetensors.torch import load_file
 
-from conftest import CONF, REPO, run_module
 from posae.data.cache_reader import ActivationCache
 from posae.eval.core import core_metrics
 from posae.sae import load_sae

@@ -43,8 +43,8 @@ def resample_latents(sae: SAE, optimizer: torch.optim.Optimizer, latents: Tensor
     """
     if latents.numel() == 0:
         return
-    picks = torch.multinomial(scores.float().clamp_min(0) + 1e-12, len(latents),
-                              replacement=len(latents) > len(scores), generator=generator)
+    picks = torch.multinomial(scores.float().clamp_min(0).cpu() + 1e-12, len(latents),
+                              replacement=True, generator=generator).to(inputs.device)
     direction = inputs[picks].float() - sae.b_dec
     direction /= direction.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     alive = torch.ones(sae.W_enc.shape[1], dtype=torch.bool, device=latents.device)

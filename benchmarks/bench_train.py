@@ -1,0 +1,98 @@
+"""`make bench-train`: training throughput of each baseline against this machine's matmul roofline.
+
+Each baseline trains for a fixed number of steps on the same cached activations of the
+embedded default (MiniLM layer 3, width 8 x d, 2048-token batches), through the real
+`Trainer.train_step` (cache reads, forward, losses, backward, Adam, decoder projection,
+statistics). The roofline is the tokens/s a step would reach if it were nothing but its
+dense matmuls run at the fp32 matmul throughput measured here in the same run:
+a ReLU-family step costs 5 matmuls of 2·d·m FLOPs per token (encoder and decoder forward,
+decoder weight and input gradients, encoder weight gradient).
+Targets: relu >= 0.7 of roofline; topk decodes sparsely and is faster than relu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import compose_config  # noqa: E402
+
+from posae.config import cache_request, optim_config, trainer_config  # noqa: E402
+from posae.data.cache_format import CacheSpec  # noqa: E402
+from posae.data.cache_reader import ActivationCache  # noqa: E402
+from posae.data.cache_writer import build_cache  # noqa: E402
+from posae.losses import build_loss_terms  # noqa: E402
+from posae.sae import build_sae, sae_config  # noqa: E402
+from posae.training.batches import split_sequences  # noqa: E402
+from posae.training.loggers import NoLogger  # noqa: E402
+from posae.training.trainer import Trainer  # noqa: E402
+
+BASELINES = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
+
+
+def matmul_flops(n: int, d: int, m: int, repeats: int = 20) -> float:
+    """fp32 FLOP/s of [n, d] @ [d, m], the shape of the encoder forward."""
+    a, b = torch.randn(n, d), torch.randn(d, m)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n * d * m * repeats / (time.perf_counter() - start)
+
+
+def tokens_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        trainer.train_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    return steps * trainer.cfg.batch_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", default=",".join(BASELINES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        base = [f"cache.root={root}", "n_tokens=131072", "cache.device=cpu", "trainer.cpu=true"]
+        req = cache_request(compose_config(overrides=base), "layer")
+        build_cache(req)
+        cache = ActivationCache.open(CacheSpec.from_request(req), req.layers[0])
+        train_ids, _ = split_sequences(len(cache), 0.05)
+        accelerator = Accelerator(cpu=True)
+        results = {}
+        for name in args.variants.split(","):
+            cfg = compose_config(overrides=[*base, f"variant={name}"])
+            sae_cfg = sae_config(cfg.variant, cache.d_model)
+            torch.manual_seed(0)
+            trainer = Trainer(build_sae(sae_cfg), build_loss_terms(cfg.loss),
+                              optim_config(cfg.optim), trainer_config(cfg.trainer, 128), cache,
+                              train_ids, 0, accelerator, Path(root), NoLogger())
+            results[name] = tokens_per_second(trainer, args.steps)
+        d, m, batch = cache.d_model, sae_cfg.d_sae, trainer.cfg.batch_tokens
+        flops = matmul_flops(batch, d, m)
+    roofline = flops / (5 * 2 * d * m)
+    print(f"MiniLM layer 3: d={d}, width {m}, batch {batch} tokens, {args.steps} timed steps, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"fp32 matmul [{batch},{d}]x[{d},{m}]: {flops / 1e9:.1f} GFLOP/s -> ReLU-family "
+          f"roofline {roofline:,.0f} tok/s")
+    for name, tps in results.items():
+        print(f"{name:10s} {tps:10,.0f} tok/s   {tps / roofline:5.2f} of roofline   "
+              f"{tps / results.get('relu', tps):5.2f}x relu")
+    if "relu" in results:
+        print(f"relu fraction of roofline: {results['relu'] / roofline:.2f} (target >= 0.70)")
+    if "relu" in results and "topk" in results:
+        print(f"topk / relu speed: {results['topk'] / results['relu']:.2f} (target > 1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Batches, schedules, dead latents and resampling, on small known inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+
+from posae.config import ConfigError, OptimConfig, trainer_config
+from posae.sae import REGISTRY, build_sae
+from posae.training.batches import WindowOrder, split_sequences
+from posae.training.dead import DeadLatents, resample_latents
+from posae.training.schedule import lr_multiplier
+
+
+def test_windows_are_contiguous_within_one_sequence_and_each_epoch_covers_all_once():
+    order = WindowOrder(np.arange(10), context=32, window=8, seed=0)
+    assert len(order.units) == 40 and set(order.units[:, 1]) == {0, 8, 16, 24}
+    epoch = order.take(40)
+    assert sorted(map(tuple, epoch)) == sorted(map(tuple, order.units))
+    assert order.epoch == 1 and order.offset == 0
+    assert not np.array_equal(order.take(40), epoch), "each epoch has its own order"
+
+
+def test_window_order_resumes_exactly_and_ranks_stride_the_global_batch():
+    a = WindowOrder(np.arange(50), 128, 128, seed=3)
+    a.take(17)
+    state = a.state_dict()
+    expected = a.take(30)
+    b = WindowOrder(np.arange(50), 128, 128, seed=3)
+    b.load_state_dict(state)
+    assert np.array_equal(b.take(30), expected)
+    batch = WindowOrder(np.arange(50), 128, 128, seed=3).take(16)
+    shares = [batch[r::2] for r in range(2)]
+    assert sorted(map(tuple, np.concatenate(shares))) == sorted(map(tuple, batch))
+
+
+def test_held_out_sequences_are_the_last_ones():
+    train, held = split_sequences(100, 0.05)
+    assert list(held) == [95, 96, 97, 98, 99] and list(train) == list(range(95))
+
+
+@pytest.mark.parametrize("schedule, checks", [
+    ("constant", {0: 1.0, 50: 1.0, 99: 1.0}),
+    ("warmup", {0: 0.1, 9: 1.0, 99: 1.0}),
+    ("cosine", {0: 0.1, 9: 1.0, 10: 1.0, 55: 0.55, 100: 0.1}),
+])
+def test_lr_schedules(schedule, checks):
+    f = lr_multiplier(OptimConfig(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1), 100)
+    for step, value in checks.items():
+        assert f(step) == pytest.approx(value, abs=1e-9), step
+
+
+def test_trainer_config_checks_window_and_batch():
+    node = compose_config(overrides=["trainer.window=48"]).trainer
+    with pytest.raises(ConfigError, match=r"trainer\.batch_tokens=2048 must be a multiple"):
+        trainer_config(node, 128)
+    with pytest.raises(ConfigError, match=r"trainer\.window"):
+        trainer_config(compose_config(overrides=["trainer.window=256"]).trainer, 128)
+    assert trainer_config(compose_config().trainer, 128).window == 128
+
+
+def test_dead_latents_count_tokens_since_firing():
+    dead = DeadLatents(4, after_tokens=100, device=torch.device("cpu"))
+    dead.update(torch.tensor([True, False, False, True]), 60)
+    dead.update(torch.tensor([False, False, True, True]), 60)
+    assert dead.dead.tolist() == [False, True, False, False]
+
+
+def test_resampling_reinitialises_only_dead_latents_and_their_adam_moments():
+    torch.manual_seed(0)
+    sae = build_sae(REGISTRY["relu"].config_class(name="relu", d_in=8, width=16))
+    optimizer = torch.optim.Adam(sae.parameters())
+    sae(torch.randn(4, 8)).x_hat.pow(2).sum().backward()
+    optimizer.step()
+    before = sae.W_dec.detach().clone()
+    latents = torch.tensor([2, 5])
+    inputs = torch.randn(6, 8)
+    scores = torch.tensor([0, 0, 0, 1.0, 0, 0])  # only input 3 can be drawn
+    resample_latents(sae, optimizer, latents, inputs, scores, torch.Generator().manual_seed(0))
+    direction = (inputs[3] - sae.b_dec) / (inputs[3] - sae.b_dec).norm()
+    for i in latents:
+        torch.testing.assert_close(sae.W_dec[i], direction.detach())
+        assert sae.b_enc[i] == 0
+    keep = [i for i in range(16) if i not in latents.tolist()]
+    assert torch.equal(sae.W_dec[keep], before[keep])
+    moments = optimizer.state[sae.W_dec]
+    assert moments["exp_avg"][latents].abs().sum() == 0 and moments["exp_avg"][keep].abs().sum() > 0
