@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from posae.sae.base import SAE, SAEOutput
+from posae.sae.base import SAE, SAEOutput, centred_affine
 
 
 class GatedSAE(SAE):
@@ -24,7 +24,7 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
     def magnitudes(self, x, pos=None):
-        return torch.relu((x - self.b_dec) @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
+        return torch.relu(centred_affine(x, self.b_dec, self.W_enc * self.r_mag.exp(), self.b_mag))
 
     def encode(self, x, pos=None, mask=None):
         return (self.pre_activations(x, pos) > 0) * self.magnitudes(x, pos)

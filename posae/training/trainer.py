@@ -137,9 +137,11 @@ class Trainer:
         return stats
 
     def _global_stats(self, f, mask, values, coefs, n_global) -> dict[str, float]:
-        active = (f != 0) & mask[..., None]
+        active = f != 0
+        active &= mask[..., None]
         local = torch.cat([torch.stack([v.detach().float() for v in values.values()]),
-                           active.sum().float()[None], active.any(0).any(0).float()])
+                           torch.count_nonzero(active).float()[None],  # bool .sum() is slow
+                           active.flatten(0, -2).any(0).float()])
         total = self.accelerator.reduce(local, "sum")
         k = len(values)
         self.dead.update(total[k + 1 :] > 0, int(n_global))
