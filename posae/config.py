@@ -75,6 +75,8 @@ def typed(node: Any, schema: type[T], key: str) -> T:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{key}: expected a mapping, got {node!r}")
     try:
+        # resolve interpolations against the whole config before leaving it
+        node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -181,6 +183,7 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+RESAMPLE_SELECT = ("dead", "temporal_importance")
 
 
 @dataclass
@@ -209,6 +212,9 @@ class TrainerConfig:
     grad_clip: Optional[float] = None
     dead_after_tokens: int = 100_000
     resample_every: int = 0
+    resample_select: str = "dead"
+    resample_fraction: float = 0.1
+    resample_gamma: float = 5.0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -228,6 +234,7 @@ def optim_config(node: Any) -> OptimConfig:
 def trainer_config(node: Any, context_size: int) -> TrainerConfig:
     cfg = typed(node, TrainerConfig, "trainer")
     _choice(cfg.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
+    _choice(cfg.resample_select, RESAMPLE_SELECT, "trainer.resample_select")
     window = cfg.window or context_size
     if not 1 <= window <= context_size:
         raise ConfigError(f"trainer.window: must be in 1..context_size={context_size}, "

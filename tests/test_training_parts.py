@@ -10,7 +10,8 @@ from conftest import compose_config
 from posae.config import ConfigError, OptimConfig, trainer_config
 from posae.sae import REGISTRY, build_sae
 from posae.training.batches import WindowOrder, split_sequences
-from posae.training.dead import DeadLatents, resample_latents
+from posae.training.dead import DeadLatents
+from posae.training.resampling import PositionActivity, lowest_fraction, resample_latents
 from posae.training.schedule import lr_multiplier
 
 
@@ -87,3 +88,13 @@ def test_resampling_reinitialises_only_dead_latents_and_their_adam_moments():
     assert torch.equal(sae.W_dec[keep], before[keep])
     moments = optimizer.state[sae.W_dec]
     assert moments["exp_avg"][latents].abs().sum() == 0 and moments["exp_avg"][keep].abs().sum() > 0
+
+
+def test_temporal_importance_scores_follow_001_eq6():
+    activity = PositionActivity(context=3, d_sae=2, device=torch.device("cpu"))
+    # latent 0: mean |f| 1, 2, 3 at positions 0, 1, 2; latent 1: 2 everywhere
+    f = torch.tensor([[[1.0, 2.0], [2.0, 2.0], [3.0, 2.0]]])
+    activity.update(f, torch.ones(1, 3, dtype=bool), torch.arange(3)[None])
+    scores = activity.scores(gamma=5.0)
+    assert scores.tolist() == pytest.approx([2.0 * (1 + 5 * 2 / 3), 2.0])
+    assert lowest_fraction(scores, 0.5).tolist() == [1]

@@ -17,3 +17,16 @@ class GatedAux(LossTerm):
 
     def per_token(self, out, batch, ctx):
         return (out.extras["aux_x_hat"].float() - batch.x).pow(2).sum(-1)
+
+
+class PositionWeightedMSE(LossTerm):
+    """Σ_t w_t ‖x_t - x̂_t‖² with w_t = 1 + t/L (002 eq. 7), t the true position (0-based)
+    and L the context size: 1 at the first position, 2 - 1/L at the last."""
+
+    def __init__(self, context_size: int, coef: float = 1.0, warmup_steps: int = 0):
+        super().__init__(coef, warmup_steps)
+        self.context_size = context_size
+
+    def per_token(self, out, batch, ctx):
+        weight = 1 + batch.pos.float() / self.context_size
+        return weight * (out.x_hat.float() - batch.x).pow(2).sum(-1)

@@ -18,3 +18,10 @@ class L0(LossTerm):
 
     def per_token(self, out, batch, ctx):
         return out.extras["l0"]
+
+
+class AdapterL1(LossTerm):
+    """λ α_t ‖h_r - h_b‖₁ per token, the curriculum SAE's adapter penalty (004 eq. 5)."""
+
+    def per_token(self, out, batch, ctx):
+        return out.extras["curriculum"] * out.extras["adapter_delta"].abs().sum(-1)

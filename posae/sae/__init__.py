@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from posae.config import ConfigError, typed
 from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.curriculum import CurriculumSAE
 from posae.sae.gated import GatedSAE
 from posae.sae.jumprelu import JumpReLUSAE
 from posae.sae.relu import ReLUSAE
@@ -26,6 +27,7 @@ REGISTRY: dict[str, type[SAE]] = {
     "batchtopk": BatchTopKSAE,
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
+    "curriculum": CurriculumSAE,
 }
 
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
@@ -40,21 +42,25 @@ def architecture(name: str) -> type[SAE]:
 
 def sae_config(variant, d_in: int) -> SAEConfig:
     """The typed config of `variant` (a composed conf/variant node) for inputs of width d_in."""
-    cls = architecture(variant.name)
+    cls = architecture(variant.get("architecture") or variant.name)
     cfg = typed(variant, cls.config_class, "variant")
     cfg.d_in = d_in
     if cfg.d_sae < 1:
         raise ConfigError(f"variant: width {cfg.d_sae} must be positive")
+    for key, choices in (("encoder_init", ("tied", "kaiming_uniform")),
+                         ("decoder_init", ("normal", "orthogonal"))):
+        if getattr(cfg, key) not in choices:
+            raise ConfigError(f"variant.{key}: {getattr(cfg, key)!r} is not one of {choices}")
     return cfg
 
 
 def build_sae(cfg: SAEConfig) -> SAE:
-    return architecture(cfg.name)(cfg)
+    return architecture(cfg.arch)(cfg)
 
 
 def save_sae(sae: SAE, folder: Path, metadata: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"architecture": sae.cfg.name, "config": dataclasses.asdict(sae.cfg),
+    record = {"architecture": sae.cfg.arch, "config": dataclasses.asdict(sae.cfg),
               **(metadata or {})}
     (folder / CONFIG_FILE).write_text(json.dumps(record, indent=1))
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()},

@@ -31,17 +31,28 @@ def centred_affine(x: Tensor, b: Tensor, W: Tensor, c: Tensor) -> Tensor:
 class SAEConfig:
     """Fields every architecture shares; subclasses add their own."""
 
+    # The variant's name (conf/variant/<name>.yaml); also its architecture unless set.
     name: str
+    # Registry key of the architecture, when a paper variant reuses one (tc_sae -> relu).
+    architecture: Optional[str] = None
     d_in: int = 0
     expansion_factor: int = 8
     # Explicit number of latents; overrides expansion_factor when set.
     width: Optional[int] = None
     # Unit-norm decoder rows, with the gradient component parallel to each row removed.
     normalize_decoder: bool = True
+    # tied: W_enc = W_dec^T | kaiming_uniform (003: Kaiming-uniform encoder)
+    encoder_init: str = "tied"
+    # normal: random unit rows | orthogonal (003, 004)
+    decoder_init: str = "normal"
 
     @property
     def d_sae(self) -> int:
         return self.width or self.expansion_factor * self.d_in
+
+    @property
+    def arch(self) -> str:
+        return self.architecture or self.name
 
 
 @dataclass
@@ -59,12 +70,23 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         d_in, d_sae = cfg.d_in, cfg.d_sae
-        W_dec = torch.randn(d_sae, d_in)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if cfg.decoder_init == "orthogonal":
+            W_dec = nn.init.orthogonal_(torch.empty(d_sae, d_in))
+        else:
+            W_dec = torch.randn(d_sae, d_in)
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if cfg.encoder_init == "kaiming_uniform":
+            W_enc = nn.init.kaiming_uniform_(torch.empty(d_sae, d_in), a=5 ** 0.5).t()
+        else:
+            W_enc = W_dec.t()
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.W_enc = nn.Parameter(W_enc.clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def before_step(self, step: int) -> None:
+        """Called by the trainer before each training forward; for state that follows the
+        step (a curriculum) or the previous step's gradients. Default: nothing."""
 
     def pre_activations(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)

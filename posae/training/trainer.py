@@ -26,7 +26,8 @@ from posae.losses import LossTerm, StepContext
 from posae.sae.base import SAE
 from posae.training.batches import BatchLoader, WindowOrder
 from posae.training.checkpoint import save_checkpoint
-from posae.training.dead import DeadLatents, resample_latents
+from posae.training.dead import DeadLatents
+from posae.training.resampling import PositionActivity, lowest_fraction, resample_latents
 from posae.training.schedule import lr_multiplier
 
 
@@ -71,6 +72,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, lr_multiplier(optim, self.total_steps))
         self.dead = DeadLatents(self.sae.cfg.d_sae, cfg.dead_after_tokens, accelerator.device)
+        self.activity = (PositionActivity(cache.context_size, self.sae.cfg.d_sae,
+                                          accelerator.device)
+                         if cfg.resample_select == "temporal_importance" else None)
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.stop_signal = 0
@@ -85,6 +89,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
             "dead": self.dead.state_dict(),
+            "activity": self.activity.state_dict() if self.activity else {},
             "coefficients": {n: t.coefficient.state_dict() for n, t in self.terms.items()},
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
             "wandb_run_id": self.logger.run_id,
@@ -97,6 +102,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.order.load_state_dict(state["order"])
         self.dead.load_state_dict(state["dead"])
+        if self.activity:
+            self.activity.load_state_dict(state["activity"])
         for name, term in self.terms.items():
             term.coefficient.load_state_dict(state["coefficients"][name])
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -114,6 +121,7 @@ class Trainer:
         n_global = self.accelerator.reduce(batch.mask.sum().float(), "sum").item()
         ctx = StepContext(self.step, max(n_global, 1.0) / self.world, self.sae, self.dead.dead)
         coefs = {name: term.coefficient(self.step) for name, term in self.terms.items()}
+        self.sae.before_step(self.step)
         with self.accelerator.autocast():
             out = self.model(batch.x, batch.pos, batch.mask)
             values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
@@ -128,7 +136,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.sae.cfg.normalize_decoder:
             self.sae.normalize_decoder_()
-        stats = self._global_stats(out.f.detach(), batch.mask, values, coefs, n_global)
+        stats = self._global_stats(out.f.detach(), out.x_hat.detach(), batch, values, coefs,
+                                   n_global)
+        if self.activity:
+            self.activity.update(out.f, batch.mask, batch.pos)
         self.step += 1
         if self.cfg.resample_every and self.step % self.cfg.resample_every == 0:
             self._resample(batch, out.x_hat.detach())
@@ -136,33 +147,46 @@ class Trainer:
             term.coefficient.update(stats)
         return stats
 
-    def _global_stats(self, f, mask, values, coefs, n_global) -> dict[str, float]:
+    def _global_stats(self, f, x_hat, batch, values, coefs, n_global) -> dict[str, float]:
+        """One all-reduce: term values, L0, reconstruction sums (for FVU), latents fired."""
         active = f != 0
-        active &= mask[..., None]
+        active &= batch.mask[..., None]
+        x, err = batch.x[batch.mask], (x_hat.float() - batch.x)[batch.mask]
         local = torch.cat([torch.stack([v.detach().float() for v in values.values()]),
                            torch.count_nonzero(active).float()[None],  # bool .sum() is slow
+                           err.pow(2).sum()[None], x.pow(2).sum()[None], x.sum(0),
                            active.flatten(0, -2).any(0).float()])
         total = self.accelerator.reduce(local, "sum")
-        k = len(values)
-        self.dead.update(total[k + 1 :] > 0, int(n_global))
+        k, d = len(values), x.shape[-1]
+        sq_err, sq_x, sum_x = total[k + 1], total[k + 2], total[k + 3 : k + 3 + d]
+        self.dead.update(total[k + 3 + d :] > 0, int(n_global))
+        n = max(n_global, 1.0)
         stats = {f"loss/{name}": total[i].item() / self.world for i, name in enumerate(values)}
-        stats["loss/total"] = sum(coefs[n] * stats[f"loss/{n}"] for n in values)
+        stats["loss/total"] = sum(coefs[n_] * stats[f"loss/{n_}"] for n_ in values)
         stats.update({f"coef/{name}": c for name, c in coefs.items()})
-        stats["l0"] = total[k].item() / max(n_global, 1.0)
+        stats["l0"] = total[k].item() / n
+        stats["fvu"] = (sq_err / (sq_x - sum_x.pow(2).sum() / n).clamp_min(1e-12)).item()
         stats["dead_fraction"] = self.dead.dead.float().mean().item()
         stats["lr"] = self.scheduler.get_last_lr()[0]
         return stats
 
     def _resample(self, batch, x_hat) -> None:
-        dead = self.dead.dead.nonzero().squeeze(-1)
-        if dead.numel() == 0:
+        if self.activity:
+            self.activity.sums.copy_(self.accelerator.reduce(self.activity.sums, "sum"))
+            self.activity.counts.copy_(self.accelerator.reduce(self.activity.counts, "sum"))
+            latents = lowest_fraction(self.activity.scores(self.cfg.resample_gamma),
+                                      self.cfg.resample_fraction)
+            self.activity.reset()
+        else:
+            latents = self.dead.dead.nonzero().squeeze(-1)
+        if latents.numel() == 0:
             return
         x = batch.x[batch.mask]
         scores = (x - x_hat[batch.mask].float()).pow(2).sum(-1).pow(2)
-        resample_latents(self.sae, self.optimizer.optimizer, dead, x, scores, self.generator)
+        resample_latents(self.sae, self.optimizer.optimizer, latents, x, scores, self.generator)
         for param in (self.sae.W_enc, self.sae.W_dec, self.sae.b_enc):
             param.data.copy_(broadcast(param.data, from_process=0))
-        self.dead.tokens_since_fired[dead] = 0
+        self.dead.tokens_since_fired[latents] = 0
 
     # ----- the loop ----------------------------------------------------------------------
     def fit(self) -> float:

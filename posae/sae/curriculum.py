@@ -1,0 +1,81 @@
+"""Curriculum SAE (004): a base SAE plus four position-range adapters phased in over training.
+
+    h_b = ReLU(LayerNorm(W_encᵀ x + b_enc))                               (004 eq. 2)
+    h_r = h_b + α_t · Dropout_0.1(LayerNorm(f_r(h_b))),  r = range of t  (004 eq. 3)
+    x̂   = W_dec h_r + b_dec
+
+f_r is a two-layer MLP k → d/2 → k (ReLU between) for the r-th of `n_ranges` equal
+position ranges of the context. α_t is the curriculum coefficient: 0 for
+`curriculum_delay` steps, then linear to 1 over `curriculum_length` steps (set by
+`before_step`). Loss (004 eq. 5): ‖x - x̂‖² + λ(‖h_b‖₁ + α_t ‖h_r - h_b‖₁): the `l1` term
+reads h_b from `extras["l1_codes"]`, the `adapter_l1` term reads `adapter_delta` and
+`curriculum`. Eq. 2 has no b_dec centring, so the encoder sees x itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from posae.losses.controllers import Ramp
+from posae.sae.base import SAE, SAEConfig, SAEOutput
+
+
+@dataclass
+class CurriculumConfig(SAEConfig):
+    context_size: int = 128
+    n_ranges: int = 4
+    adapter_dropout: float = 0.1
+    curriculum_delay: int = 1000
+    curriculum_length: int = 9000
+
+
+class CurriculumSAE(SAE):
+    config_class = CurriculumConfig
+
+    def __init__(self, cfg: CurriculumConfig):
+        super().__init__(cfg)
+        k, hidden = cfg.d_sae, max(1, cfg.d_in // 2)
+        self.base_norm = nn.LayerNorm(k)
+        self.adapters = nn.ModuleList(
+            nn.Sequential(nn.Linear(k, hidden), nn.ReLU(), nn.Linear(hidden, k), nn.LayerNorm(k))
+            for _ in range(cfg.n_ranges))
+        self.dropout = nn.Dropout(cfg.adapter_dropout)
+        self.ramp = Ramp(1.0, cfg.curriculum_delay, cfg.curriculum_length)
+        self.register_buffer("curriculum", torch.tensor(0.0))
+
+    def before_step(self, step: int) -> None:
+        self.curriculum.fill_(self.ramp(step))
+
+    def position_range(self, pos: Tensor) -> Tensor:
+        return (pos * self.cfg.n_ranges // self.cfg.context_size).clamp(0, self.cfg.n_ranges - 1)
+
+    def base_codes(self, x: Tensor) -> Tensor:
+        return torch.relu(self.base_norm(x @ self.W_enc + self.b_enc))
+
+    def adapted(self, h_b: Tensor, pos: Tensor) -> Tensor:
+        """α_t · Dropout(LayerNorm(f_r(h_b))), each token through its own range's adapter."""
+        delta = torch.zeros_like(h_b)
+        ranges = self.position_range(pos)
+        for r, adapter in enumerate(self.adapters):
+            rows = ranges == r
+            if rows.any():
+                delta[rows] = self.dropout(adapter(h_b[rows]))
+        return self.curriculum * delta
+
+    def encode(self, x, pos=None, mask=None):
+        h_b = self.base_codes(x)
+        return h_b if pos is None else h_b + self.adapted(h_b, pos)
+
+    def forward(self, x, pos=None, mask=None) -> SAEOutput:
+        if pos is None:
+            raise ValueError("the curriculum SAE needs token positions")
+        pre = x @ self.W_enc + self.b_enc
+        h_b = torch.relu(self.base_norm(pre))
+        delta = self.adapted(h_b, pos)
+        h_r = h_b + delta
+        return SAEOutput(self.decode(h_r, pos), h_r, pre,
+                         {"l1_codes": h_b, "adapter_delta": delta, "curriculum": self.curriculum})
+

@@ -1,0 +1,106 @@
+"""The papers' position and time mechanisms pinned to their equations on hand-computable tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posae.losses.base import StepContext
+from posae.losses.controllers import AdaptiveL1, MomentumFromReconstruction, Ramp
+from posae.losses.reconstruction import PositionWeightedMSE
+from posae.losses.temporal import AdjacentDifference, WindowConsistency
+from posae.sae.base import SAEOutput
+from posae.training.batches import Batch
+
+
+def codes_batch(f, mask=None, pos=None):
+    b, t, _ = f.shape
+    mask = torch.ones(b, t, dtype=bool) if mask is None else mask
+    pos = torch.arange(t).expand(b, t) if pos is None else pos
+    x = torch.zeros(b, t, 2)
+    out = SAEOutput(x_hat=x.clone(), f=f, pre=f)
+    return out, Batch(x, pos, mask, torch.zeros(b, t, dtype=torch.long))
+
+
+def ctx(n_tokens):
+    return StepContext(step=0, n_tokens=n_tokens, sae=None, dead=None)
+
+
+# one sequence of 4 tokens, 2 features; adjacent squared differences: 1, 4+1=5, 9
+F = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [3.0, 1.0], [0.0, 1.0]]])
+
+
+def test_adjacent_difference_equals_the_hand_sum():
+    out, batch = codes_batch(F)
+    assert AdjacentDifference()(out, batch, ctx(4.0)).item() == pytest.approx((1 + 5 + 9) / 4)
+
+
+def test_adjacent_difference_ignores_masked_tokens_and_non_consecutive_positions():
+    mask = torch.tensor([[True, True, False, True]])  # token 2 is padding/special
+    out, batch = codes_batch(F, mask=mask)
+    assert AdjacentDifference()(out, batch, ctx(3.0)).item() == pytest.approx(1 / 3)
+    # two windows glued in one row: positions 0,1 | 7,8 -- the (1, 7) pair is not adjacent
+    pos = torch.tensor([[0, 1, 7, 8]])
+    out, batch = codes_batch(F, pos=pos)
+    assert AdjacentDifference()(out, batch, ctx(4.0)).item() == pytest.approx((1 + 9) / 4)
+
+
+def test_adjacent_difference_never_pairs_two_sequences():
+    f = torch.stack([F[0], F[0] + 100.0])  # two sequences of the batch
+    out, batch = codes_batch(f)
+    assert AdjacentDifference()(out, batch, ctx(8.0)).item() == pytest.approx(2 * 15 / 8)
+
+
+def test_window_consistency_equals_the_hand_sum():
+    out, batch = codes_batch(F)
+    # T = 3: windows [0..2] pairs (1, 5) and [1..3] pairs (5, 9), each divided by T - 1 = 2
+    expected = ((1 + 5) / 2 + (5 + 9) / 2) / 4
+    assert WindowConsistency(window=3)(out, batch, ctx(4.0)).item() == pytest.approx(expected)
+    mask = torch.tensor([[True, True, True, False]])
+    out, batch = codes_batch(F, mask=mask)
+    assert WindowConsistency(window=3)(out, batch, ctx(3.0)).item() == pytest.approx(3 / 3)
+    assert WindowConsistency(window=5)(out, batch, ctx(3.0)).item() == 0
+
+
+def test_position_weights_run_from_one_to_two_minus_one_over_l():
+    L = 8
+    term = PositionWeightedMSE(context_size=L)
+    x_hat = torch.ones(1, L, 1)
+    out = SAEOutput(x_hat=x_hat, f=x_hat, pre=x_hat)
+    batch = Batch(torch.zeros(1, L, 1), torch.arange(L)[None], torch.ones(1, L, dtype=bool),
+                  torch.zeros(1, L, dtype=torch.long))
+    weights = term.per_token(out, batch, ctx(L))[0]
+    assert weights[0].item() == 1.0 and weights[-1].item() == pytest.approx(2 - 1 / L)
+    assert torch.allclose(weights, 1 + torch.arange(L) / L)
+
+
+def test_curriculum_coefficient_is_zero_before_warmup_and_one_after_the_ramp():
+    ramp = Ramp(1.0, delay=1000, length=9000)
+    assert ramp(0) == ramp(1000) == 0.0
+    assert ramp(5500) == pytest.approx(0.5)
+    assert ramp(10_000) == ramp(50_000) == 1.0
+
+
+def test_adaptive_l1_rises_above_target_and_falls_below():
+    coef = AdaptiveL1(value=0.04, eta=0.002, target_l0=320)
+    coef.update({"l0": 820})
+    high = coef(1)
+    assert high == pytest.approx(0.04 * math.exp(1.0))
+    coef.update({"l0": 20})
+    assert coef(2) == pytest.approx(0.04 * math.exp(-0.6)) and coef(2) < 0.04 < high
+    coef.update({"l0": 1e9})
+    assert math.isfinite(coef(3))
+    restored = AdaptiveL1(value=0.04)
+    restored.load_state_dict(coef.state_dict())
+    assert restored(0) == coef(0)
+
+
+def test_momentum_strength_follows_reconstruction_quality():
+    alpha = MomentumFromReconstruction(value=0.002, momentum=0.95)
+    for _ in range(200):
+        alpha.update({"fvu": 0.25})
+    assert alpha(0) == pytest.approx(0.002 * 0.75, rel=1e-3)
+    alpha.update({"fvu": 2.0})  # worse than the mean: quality 0, α decays
+    assert alpha(0) == pytest.approx(0.95 * 0.002 * 0.75, rel=1e-3)
