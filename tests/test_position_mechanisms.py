@@ -104,3 +104,97 @@ def test_momentum_strength_follows_reconstruction_quality():
     assert alpha(0) == pytest.approx(0.002 * 0.75, rel=1e-3)
     alpha.update({"fvu": 2.0})  # worse than the mean: quality 0, α decays
     assert alpha(0) == pytest.approx(0.95 * 0.002 * 0.75, rel=1e-3)
+
+
+def pa_sae(**kwargs):
+    from posae.sae import REGISTRY, build_sae
+
+    torch.manual_seed(0)
+    cfg = REGISTRY["pa_sae"].config_class(name="pa_sae", d_in=8, width=16, context_size=6,
+                                          **kwargs)
+    return build_sae(cfg)
+
+
+def test_pa_sae_mask_scales_exactly_one_feature_at_one_position():
+    sae = pa_sae(adaptive_rates=False)
+    with torch.no_grad():
+        sae.mask_logits.fill_(float("inf"))
+        sae.mask_logits[3, 5] = 0.0  # sigmoid = 1/2 for feature 5 at position 3 only
+    x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
+    f = sae.encode(x, pos)
+    plain = torch.relu(sae.pre_activations(x))
+    expected = plain.clone()
+    expected[:, 3, 5] = plain[:, 3, 5] / 2
+    torch.testing.assert_close(f, expected)
+
+
+def test_pa_sae_hard_mask_is_binary_with_a_straight_through_gradient():
+    sae = pa_sae(mask="hard", adaptive_rates=False)
+    with torch.no_grad():
+        sae.mask_logits[2] = -1.0  # closed at position 2
+    x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
+    out = sae(x, pos)
+    assert (out.f[:, 2] == 0).all()
+    torch.testing.assert_close(out.f[:, 0], torch.relu(out.pre[:, 0]))
+    out.f.sum().backward()
+    assert sae.mask_logits.grad[0].abs().sum() > 0
+
+
+def test_pa_sae_rates_follow_eq4_and_importance_ema_eq6():
+    sae = pa_sae(rate_gamma=0.5, importance_beta=0.9)
+    with torch.no_grad():
+        sae.grad_sum[0], sae.grad_sum[1] = 3.0, 1.0  # mean |grad| 3 at pos 0, 1 at pos 1
+        sae.grad_count[:2] = 1.0
+    sae.before_step(1)
+    # mean over the seen positions is 2: α0 = 0.01 (1 + 0.5 (3 - 2)), α1 = 0.01 (1 - 0.5)
+    torch.testing.assert_close(sae.rates[0], torch.full((16,), 0.015))
+    torch.testing.assert_close(sae.rates[1], torch.full((16,), 0.005))
+    assert (sae.rates[2:] == 0.01).all()
+    torch.testing.assert_close(sae.importance_ema[0], torch.full((16,), 0.3))
+    assert sae.grad_count.sum() == 0
+    with torch.no_grad():
+        sae.grad_sum[0], sae.grad_count[:2] = 1000.0, 1.0
+    sae.before_step(2)
+    assert sae.rates.max() <= 0.1 and sae.rates.min() >= 0.001
+
+
+def test_pa_sae_records_code_gradients_per_position():
+    sae = pa_sae().train()
+    x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
+    mask = torch.ones(2, 6, dtype=bool)
+    mask[:, 4] = False
+    out = sae(x, pos, mask)
+    (out.f * torch.arange(6).float()[None, :, None]).sum().backward()  # dL/df = position
+    assert sae.grad_count.tolist() == [2, 2, 2, 2, 0, 2]
+    assert sae.grad_sum[3].tolist() == [6.0] * 16 and sae.grad_sum[4].abs().sum() == 0
+
+
+def test_curriculum_adapters_are_off_before_the_delay_and_routed_by_position_range():
+    from posae.sae import REGISTRY, build_sae
+
+    torch.manual_seed(0)
+    cfg = REGISTRY["curriculum"].config_class(name="curriculum", d_in=8, width=16,
+                                              context_size=8, curriculum_delay=10,
+                                              curriculum_length=10, adapter_dropout=0.0)
+    sae = build_sae(cfg)
+    x, pos = torch.randn(1, 8, 8), torch.arange(8)[None]
+    sae.before_step(5)
+    out = sae(x, pos)
+    torch.testing.assert_close(out.f, sae.base_codes(x))
+    assert sae.position_range(pos).tolist() == [[0, 0, 1, 1, 2, 2, 3, 3]]
+    sae.before_step(20)
+    out = sae(x, pos)
+    h_b = sae.base_codes(x)
+    expected = h_b[0, 6] + sae.adapters[3](h_b[0, 6])
+    torch.testing.assert_close(out.f[0, 6], expected)
+    assert out.extras["curriculum"] == 1.0
+
+
+def test_tc_sae_initialisation_is_kaiming_uniform_encoder_and_orthogonal_decoder():
+    from posae.sae import REGISTRY, build_sae
+
+    cfg = REGISTRY["relu"].config_class(name="tc_sae", architecture="relu", d_in=8, width=32,
+                                        encoder_init="kaiming_uniform", decoder_init="orthogonal")
+    sae = build_sae(cfg)
+    torch.testing.assert_close(sae.W_dec.t() @ sae.W_dec, torch.eye(8), atol=1e-5, rtol=0)
+    assert sae.W_enc.abs().max() <= 1 / math.sqrt(8) + 1e-6

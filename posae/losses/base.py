@@ -9,11 +9,12 @@ training statistics after each step. Coefficients are checkpointed with the trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from posae.sae.base import SAE, SAEOutput
+if TYPE_CHECKING:  # the SAE package imports controllers from here
+    from posae.sae.base import SAE, SAEOutput
 
 
 @dataclass

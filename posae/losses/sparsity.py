@@ -13,6 +13,14 @@ class L1(LossTerm):
         return out.extras.get("l1_codes", out.f).abs().sum(-1)
 
 
+class ImportanceWeightedL1(LossTerm):
+    """λ Σ_i w_{l,i} |f_{l,i}| per token at position l (000 eq. 5), with the weights the
+    PA-SAE hands over in `extras["position_weights"]` (L·softmax over positions)."""
+
+    def per_token(self, out, batch, ctx):
+        return (out.extras["position_weights"] * out.f.abs()).sum(-1)
+
+
 class L0(LossTerm):
     """λ Σ_i H(pre_i - θ_i) per token, the JumpReLU penalty with its STE (`extras["l0"]`)."""
 

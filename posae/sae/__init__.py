@@ -18,6 +18,7 @@ from posae.sae.base import SAE, SAEConfig, SAEOutput
 from posae.sae.curriculum import CurriculumSAE
 from posae.sae.gated import GatedSAE
 from posae.sae.jumprelu import JumpReLUSAE
+from posae.sae.pa_sae import PASAE
 from posae.sae.relu import ReLUSAE
 from posae.sae.topk import BatchTopKSAE, TopKSAE
 
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[SAE]] = {
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
     "curriculum": CurriculumSAE,
+    "pa_sae": PASAE,
 }
 
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
