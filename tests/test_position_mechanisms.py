@@ -198,3 +198,57 @@ def test_tc_sae_initialisation_is_kaiming_uniform_encoder_and_orthogonal_decoder
     sae = build_sae(cfg)
     torch.testing.assert_close(sae.W_dec.t() @ sae.W_dec, torch.eye(8), atol=1e-5, rtol=0)
     assert sae.W_enc.abs().max() <= 1 / math.sqrt(8) + 1e-6
+
+
+def build(name, **kwargs):
+    from posae.sae import REGISTRY, build_sae
+
+    torch.manual_seed(0)
+    return build_sae(REGISTRY[name].config_class(name=name, d_in=8, width=16, **kwargs))
+
+
+def test_hierarchical_global_half_ignores_position_and_positional_half_does_not():
+    sae = build("hierarchical", context_size=8, heads=2, head_dim=4)
+    with torch.no_grad():
+        sae.position_embedding.normal_()
+        sae.value.weight.normal_()
+        sae.gate_logits.normal_()
+    x = torch.randn(1, 1, 8).expand(1, 8, 8)  # the same vector at every position
+    f = sae.encode(x, torch.arange(8)[None])
+    global_half, positional_half = f[0, :, :8], f[0, :, 8:]
+    assert torch.equal(global_half, global_half[:1].expand(8, -1))
+    assert not torch.allclose(positional_half, positional_half[:1].expand(8, -1))
+
+
+def test_hard_position_mask_opens_each_latent_group_on_its_quarter_only():
+    sae = build("position_masked", context_size=8, mask="hard", n_ranges=4)
+    # 16 latents in 4 groups of 4; positions 0-1 → group 0, 2-3 → group 1, ...
+    expected = torch.zeros(8, 16)
+    for t in range(8):
+        expected[t, (t // 2) * 4 : (t // 2) * 4 + 4] = 1
+    assert torch.equal(sae.mask, expected)
+    x, pos = torch.randn(1, 8, 8), torch.arange(8)[None]
+    f = sae.encode(x, pos)
+    assert torch.equal(f, torch.relu(sae.pre_activations(x)) * expected)
+
+
+def test_gaussian_mask_and_progressive_schedule():
+    sae = build("position_masked", context_size=8, mask="gaussian", schedule_steps=10)
+    centre = (torch.arange(16) + 0.5) * 8 / 16
+    torch.testing.assert_close(sae.mask[3], torch.exp(-((3 - centre) ** 2) / (2 * 1.0 ** 2)))
+    pos = torch.arange(8)[None]
+    sae.before_step(0)
+    assert torch.equal(sae.effective_mask(pos), torch.ones(1, 8, 16))
+    sae.before_step(5)
+    torch.testing.assert_close(sae.effective_mask(pos)[0], 1 - 0.5 * (1 - sae.mask))
+    sae.before_step(50)
+    torch.testing.assert_close(sae.effective_mask(pos)[0], sae.mask)
+
+
+def test_range_encoders_use_the_encoder_of_each_tokens_range():
+    sae = build("range_encoders", context_size=8, n_ranges=4)
+    with torch.no_grad():
+        sae.W_enc.normal_()
+    x, pos = torch.randn(1, 8, 8), torch.arange(8)[None]
+    pre = sae.pre_activations(x, pos)
+    torch.testing.assert_close(pre[0, 5], (x[0, 5] - sae.b_dec) @ sae.W_enc[2] + sae.b_enc[2])

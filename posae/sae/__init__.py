@@ -17,8 +17,10 @@ from posae.config import ConfigError, typed
 from posae.sae.base import SAE, SAEConfig, SAEOutput
 from posae.sae.curriculum import CurriculumSAE
 from posae.sae.gated import GatedSAE
+from posae.sae.hierarchical import HierarchicalSAE
 from posae.sae.jumprelu import JumpReLUSAE
 from posae.sae.pa_sae import PASAE
+from posae.sae.position_masked import PositionMaskedSAE, RangeEncoderSAE
 from posae.sae.relu import ReLUSAE
 from posae.sae.topk import BatchTopKSAE, TopKSAE
 
@@ -30,6 +32,9 @@ REGISTRY: dict[str, type[SAE]] = {
     "gated": GatedSAE,
     "curriculum": CurriculumSAE,
     "pa_sae": PASAE,
+    "hierarchical": HierarchicalSAE,
+    "position_masked": PositionMaskedSAE,
+    "range_encoders": RangeEncoderSAE,
 }
 
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"

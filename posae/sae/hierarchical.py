@@ -1,0 +1,93 @@
+"""Hierarchical global/positional SAE (002 eq. 2-6).
+
+    f_g = ReLU(W_g (x - b_dec) + b_g)                       global half, k/2 latents (eq. 2)
+    f_p = ReLU(W_p (x - b_dec + p_t) + b_p)                 positional half, k/2   (eq. 3)
+    α_t = MultiHead(Q = p_t W_Q, K = P W_K, V = P W_V)      attention routing      (eq. 4)
+    g_t = sigmoid(w_t)                                      learned gate           (eq. 4)
+    f   = [f_g ; g_t ⊙ (f_p + α_t)],   x̂ = W_dec f + b_dec                         (eq. 5-6)
+
+P [L, d] is the learned position embedding (p_t its row t). Reading (docs/variants.md):
+002 does not say what the routing attends over; here each position's query attends over
+all L position embeddings (8 heads, key/query dim 64), so α_t is a learned, position-
+dependent offset of the positional codes computed by attention, and every token's codes
+still depend on that token alone. w_t is a learned [L, k/2] gate. The centring on b_dec
+follows the baseline; W_g and W_p are the two halves of W_enc.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from posae.sae.base import SAE, SAEConfig, SAEOutput
+
+
+@dataclass
+class HierarchicalConfig(SAEConfig):
+    context_size: int = 128
+    heads: int = 8
+    head_dim: int = 64
+
+
+class HierarchicalSAE(SAE):
+    config_class = HierarchicalConfig
+
+    def __init__(self, cfg: HierarchicalConfig):
+        super().__init__(cfg)
+        if cfg.d_sae % 2:
+            raise ValueError("variant: the hierarchical SAE needs an even number of latents")
+        L, d, half = cfg.context_size, cfg.d_in, cfg.d_sae // 2
+        inner = cfg.heads * cfg.head_dim
+        self.position_embedding = nn.Parameter(torch.zeros(L, d))
+        self.query = nn.Linear(d, inner, bias=False)
+        self.key = nn.Linear(d, inner, bias=False)
+        self.value = nn.Linear(d, half, bias=False)
+        nn.init.zeros_(self.value.weight)  # routing starts as a no-op
+        self.gate_logits = nn.Parameter(torch.zeros(L, half))
+
+    @property
+    def half(self) -> int:
+        return self.cfg.d_sae // 2
+
+    def routing(self) -> Tensor:
+        """α for every position: [L, k/2]."""
+        P, h, e = self.position_embedding, self.cfg.heads, self.cfg.head_dim
+        q = self.query(P).view(-1, h, e).transpose(0, 1)
+        k = self.key(P).view(-1, h, e).transpose(0, 1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / self.cfg.d_in ** 0.5, dim=-1)
+        return weights.mean(0) @ self.value(P)
+
+    def codes(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(f, f_g, positional pre-activations)."""
+        centred = x - self.b_dec
+        W_g, W_p = self.W_enc[:, : self.half], self.W_enc[:, self.half :]
+        b_g, b_p = self.b_enc[: self.half], self.b_enc[self.half :]
+        f_g = torch.relu(centred @ W_g + b_g)
+        pre_p = (centred + self.position_embedding[pos]) @ W_p + b_p
+        gate = torch.sigmoid(self.gate_logits[pos])
+        f_pos = gate * (torch.relu(pre_p) + self.routing()[pos])
+        return torch.cat([f_g, f_pos], -1), f_g, pre_p
+
+    def encode(self, x, pos=None, mask=None):
+        if pos is None:
+            raise ValueError("the hierarchical SAE needs token positions")
+        return self.codes(x, pos)[0]
+
+    def forward(self, x, pos=None, mask=None) -> SAEOutput:
+        if pos is None:
+            raise ValueError("the hierarchical SAE needs token positions")
+        f, f_g, pre_p = self.codes(x, pos)
+        pre = torch.cat([self.pre_activations(x)[..., : self.half], pre_p], -1)
+        return SAEOutput(self.decode(f), f, pre,
+                         {"global_codes": f_g, "positional_codes": f[..., self.half :]})
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """As the base SAE, and the position embedding joins the input: P/s, with the
+        routing's projections of P scaled by s so that α is unchanged."""
+        super().fold_input_scale_(scale)
+        self.position_embedding /= scale
+        for projection in (self.query, self.key, self.value):
+            projection.weight *= scale

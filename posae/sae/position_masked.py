@@ -1,0 +1,101 @@
+"""SAEs whose latents are tied to position ranges: the masking runs of 002 and 004.
+
+`PositionMaskedSAE`: f = ReLU(pre) ⊙ m[t], with a fixed mask per (position, latent):
+  hard (002 "position masking", 004 runs 1-3): latents split into `n_ranges` equal groups;
+      group r is open only on the r-th of n_ranges equal position ranges;
+  gaussian (002 "soft masking", 004 runs 1-3): latent i centred at c_i = (i + 1/2) L / k,
+      m = exp(-(t - c_i)² / 2σ²) with σ = L/8 unless set;
+  progressive (004 runs 6-8, `schedule_steps` > 0): m_eff = 1 - ρ_t (1 - m), the mask's
+      strength ρ_t rising linearly from 0 to 1 over `schedule_steps`.
+`RangeEncoderSAE` (004 "specialised encoders"): one encoder per position range, one
+shared decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from posae.sae.base import SAE, SAEConfig, SAEOutput
+
+
+@dataclass
+class PositionMaskedConfig(SAEConfig):
+    context_size: int = 128
+    mask: str = "hard"
+    n_ranges: int = 4
+    sigma: Optional[float] = None
+    schedule_steps: int = 0
+
+
+def position_range(pos: Tensor, n_ranges: int, context_size: int) -> Tensor:
+    return (pos * n_ranges // context_size).clamp(0, n_ranges - 1)
+
+
+class PositionMaskedSAE(SAE):
+    config_class = PositionMaskedConfig
+
+    def __init__(self, cfg: PositionMaskedConfig):
+        super().__init__(cfg)
+        L, k = cfg.context_size, cfg.d_sae
+        t = torch.arange(L, dtype=torch.float32)[:, None]
+        if cfg.mask == "hard":
+            group = torch.arange(k) * cfg.n_ranges // k
+            mask = (position_range(t.long(), cfg.n_ranges, L) == group).float()
+        elif cfg.mask == "gaussian":
+            centre = (torch.arange(k, dtype=torch.float32) + 0.5) * L / k
+            sigma = cfg.sigma or L / 8
+            mask = torch.exp(-((t - centre) ** 2) / (2 * sigma ** 2))
+        else:
+            raise ValueError(f"variant.mask: {cfg.mask!r} is not one of hard, gaussian")
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("strength", torch.tensor(1.0 if cfg.schedule_steps == 0 else 0.0))
+
+    def before_step(self, step: int) -> None:
+        if self.cfg.schedule_steps:
+            self.strength.fill_(min(1.0, step / self.cfg.schedule_steps))
+
+    def effective_mask(self, pos: Tensor) -> Tensor:
+        return 1 - self.strength * (1 - self.mask[pos])
+
+    def encode(self, x, pos=None, mask=None):
+        if pos is None:
+            raise ValueError("a position-masked SAE needs token positions")
+        return torch.relu(self.pre_activations(x)) * self.effective_mask(pos)
+
+    def forward(self, x, pos=None, mask=None) -> SAEOutput:
+        pre = self.pre_activations(x)
+        f = self.encode(x, pos)
+        return SAEOutput(self.decode(f), f, pre)
+
+
+@dataclass
+class RangeEncoderConfig(SAEConfig):
+    context_size: int = 128
+    n_ranges: int = 4
+
+
+class RangeEncoderSAE(SAE):
+    config_class = RangeEncoderConfig
+
+    def __init__(self, cfg: RangeEncoderConfig):
+        super().__init__(cfg)
+        self.W_enc = nn.Parameter(self.W_enc.detach()[None].repeat(cfg.n_ranges, 1, 1))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_ranges, cfg.d_sae))
+
+    def pre_activations(self, x, pos=None):
+        if pos is None:
+            raise ValueError("a range-encoder SAE needs token positions")
+        ranges = position_range(pos, self.cfg.n_ranges, self.cfg.context_size)
+        pre = x.new_zeros(*x.shape[:-1], self.cfg.d_sae)
+        for r in range(self.cfg.n_ranges):
+            rows = ranges == r
+            if rows.any():
+                pre[rows] = (x[rows] - self.b_dec) @ self.W_enc[r] + self.b_enc[r]
+        return pre
+
+    def activation(self, pre, mask=None):
+        return torch.relu(pre)
