@@ -21,5 +21,5 @@ run:
 bench-cache:
 	$(PYTHON) benchmarks/bench_cache.py
 
-bench-train:
+bench-train:  # every variant vs relu and the roofline
 	$(PYTHON) benchmarks/bench_train.py

@@ -59,7 +59,8 @@ def test_every_variant_trains_twenty_steps_as_one_multirun(tmp_path, cache_root)
         assert all(math.isfinite(v) for v in summary["final_train_stats"].values()), name
         held_out = summary["held_out"]
         assert math.isfinite(held_out["explained_variance"]) and held_out["l0"] > 0, name
-        assert json.loads((run_dir / "sae" / "cfg.json").read_text())["architecture"] == name
+        saved = json.loads((run_dir / "sae" / "cfg.json").read_text())
+        assert saved["config"]["name"] == name
         again = held_out_metrics(run_dir)
         assert again["explained_variance"] == pytest.approx(held_out["explained_variance"],
                                                             rel=1e-9), name
