@@ -252,3 +252,33 @@ def test_range_encoders_use_the_encoder_of_each_tokens_range():
     x, pos = torch.randn(1, 8, 8), torch.arange(8)[None]
     pre = sae.pre_activations(x, pos)
     torch.testing.assert_close(pre[0, 5], (x[0, 5] - sae.b_dec) @ sae.W_enc[2] + sae.b_enc[2])
+
+
+def test_supervised_contrastive_prefers_codes_that_identify_position():
+    from posae.losses.contrastive import supervised_contrastive
+
+    labels = torch.tensor([0, 0, 1, 1])
+    aligned = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]), dim=-1)
+    crossed = aligned[[0, 2, 1, 3]]
+    assert supervised_contrastive(aligned, labels, 0.1) < supervised_contrastive(crossed,
+                                                                                labels, 0.1)
+    # two anchors per label, each with one positive among three others: hand value
+    z = torch.eye(4)[:, :4]
+    expected = -math.log(1 / 3)
+    assert supervised_contrastive(z, labels, 1.0).item() == pytest.approx(expected)
+
+
+def test_multiscale_groups_see_causal_means_within_the_sequence():
+    from posae.sae.multiscale import causal_means
+
+    x = torch.arange(6, dtype=torch.float32).view(1, 6, 1)
+    mask = torch.tensor([[True, True, True, False, True, True]])
+    means = causal_means(x, mask, 2)[0, :, 0]
+    # windows of the last 2 positions, counting only unmasked tokens
+    assert means.tolist() == pytest.approx([0.0, 0.5, 1.5, 2.0, 4.0, 4.5])
+    sae = build("multiscale", scales=[1, 2])
+    x = torch.randn(2, 6, 8)
+    f = sae.encode(x, torch.arange(6).expand(2, 6))
+    torch.testing.assert_close(f[..., :8], torch.relu((x - sae.b_dec) @ sae.W_enc[:, :8]
+                                                       + sae.b_enc[:8]))

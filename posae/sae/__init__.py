@@ -19,6 +19,7 @@ from posae.sae.curriculum import CurriculumSAE
 from posae.sae.gated import GatedSAE
 from posae.sae.hierarchical import HierarchicalSAE
 from posae.sae.jumprelu import JumpReLUSAE
+from posae.sae.multiscale import MultiScaleSAE
 from posae.sae.pa_sae import PASAE
 from posae.sae.position_masked import PositionMaskedSAE, RangeEncoderSAE
 from posae.sae.relu import ReLUSAE
@@ -35,6 +36,7 @@ REGISTRY: dict[str, type[SAE]] = {
     "hierarchical": HierarchicalSAE,
     "position_masked": PositionMaskedSAE,
     "range_encoders": RangeEncoderSAE,
+    "multiscale": MultiScaleSAE,
 }
 
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
