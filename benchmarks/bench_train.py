@@ -1,14 +1,14 @@
 """`make bench-train`: training throughput of every variant against relu and the roofline.
 
 Each variant (every conf/variant file) trains for a fixed number of steps on the same
-cached activations of the embedded default (MiniLM layer 3, width 8 x d, 2048-token batches), through the real
-`Trainer.train_step` (cache reads, forward, losses, backward, Adam, decoder projection,
-statistics). The roofline is the tokens/s a step would reach if it were nothing but its
-dense matmuls run at the fp32 matmul throughput measured here in the same run:
-a ReLU-family step costs 5 matmuls of 2·d·m FLOPs per token (encoder and decoder forward,
-decoder weight and input gradients, encoder weight gradient).
-Also printed per variant against relu at equal width: parameter count and time per token
-as ratios (the papers report +15-20 % time; the aim is at most 1.15x).
+cached activations of the embedded default (MiniLM layer 3, width 8 x d, 2048-token
+batches), through the real `Trainer.train_step` (cache reads, forward, losses,
+backward, Adam, decoder projection, statistics). The roofline is the tokens/s a step
+would reach if it were nothing but its dense matmuls, run at the fp32 matmul throughput
+measured here in the same run: a ReLU-family step costs 5 matmuls of 2·d·m FLOPs per
+token (encoder and decoder forward, decoder weight and input gradients, encoder weight
+gradient). Also printed per variant against relu at equal width: parameter count and
+time per token as ratios (the papers report +15-20 % time; the aim is at most 1.15x).
 Targets: relu >= 0.7 of roofline; topk decodes sparsely and is faster than relu.
 """
 
