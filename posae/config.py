@@ -205,6 +205,7 @@ class TrainerConfig:
 
     n_tokens: int = 1_000_000
     batch_tokens: int = 2048
+    micro_batches: int = 1
     window: Optional[int] = None
     eval_fraction: float = 0.05
     train_on_special_tokens: bool = False
@@ -245,7 +246,7 @@ def trainer_config(node: Any, context_size: int) -> TrainerConfig:
                           f"window ({window} tokens)")
     if not 0 < cfg.eval_fraction < 1:
         raise ConfigError(f"trainer.eval_fraction: must be in (0, 1), got {cfg.eval_fraction}")
-    for key in ("n_tokens", "checkpoint_every", "keep_checkpoints", "log_every",
+    for key in ("n_tokens", "micro_batches", "checkpoint_every", "keep_checkpoints", "log_every",
                 "dead_after_tokens"):
         positive_int(getattr(cfg, key), f"trainer.{key}")
     return cfg

@@ -171,3 +171,21 @@ def test_wandb_logger_records_config_metrics_group_and_summary(tmp_path, monkeyp
         assert run.summary["eval/explained_variance"] == 0.8
     finally:
         logger.finish()
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_batch(tmp_path, cache_root):
+    args = [*TINY, "variant=relu", f"cache.root={cache_root}"]
+    for name, pieces in (("one", 1), ("four", 4)):
+        result = run_module("posae.train", *args, f"trainer.micro_batches={pieces}",
+                            f"hydra.run.dir={tmp_path / name}")
+        assert result.returncode == 0, result.output[-3000:]
+    a = load_file(tmp_path / "one" / "sae" / "sae_weights.safetensors")
+    b = load_file(tmp_path / "four" / "sae" / "sae_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # Adam hides a uniformly mis-scaled gradient; the logged step means would not
+    stats = [json.loads((tmp_path / n / "train_summary.json").read_text())["final_train_stats"]
+             for n in ("one", "four")]
+    for key in ("loss/mse", "loss/l1", "l0", "fvu"):
+        assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4), key

@@ -9,6 +9,7 @@ tracker and coefficient controllers. Checkpoints every N steps and on SIGTERM/SI
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -59,6 +60,10 @@ class Trainer:
             raise ConfigError(
                 f"trainer.batch_tokens={cfg.batch_tokens} gives {self.units_per_step} windows, "
                 f"which do not split evenly across {self.world} processes")
+        if cfg.micro_batches > self.units_per_step // self.world:
+            raise ConfigError(
+                f"trainer.micro_batches={cfg.micro_batches} exceeds the "
+                f"{self.units_per_step // self.world} windows each process gets per step")
         self.total_steps = math.ceil(cfg.n_tokens / cfg.batch_tokens)
         self.scale = input_scale(cache, cfg.normalize_activations)
         self.order = WindowOrder(train_ids, cache.context_size, cfg.window, seed)
@@ -116,17 +121,27 @@ class Trainer:
 
     # ----- one step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One optimiser step on the global batch, in `trainer.micro_batches` pieces per
+        process (gradient accumulation: one gradient sync, same result as one piece)."""
         units = self.order.take(self.units_per_step)[self.rank :: self.world]
-        batch = self.loader.load(units)
-        n_global = self.accelerator.reduce(batch.mask.sum().float(), "sum").item()
+        batches = [self.loader.load(part) for part in np.array_split(units, self.cfg.micro_batches)]
+        n_local = sum(batch.mask.sum() for batch in batches).float()
+        n_global = self.accelerator.reduce(n_local, "sum").item()
         ctx = StepContext(self.step, max(n_global, 1.0) / self.world, self.sae, self.dead.dead)
         coefs = {name: term.coefficient(self.step) for name, term in self.terms.items()}
         self.sae.before_step(self.step)
-        with self.accelerator.autocast():
-            out = self.model(batch.x, batch.pos, batch.mask)
-            values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
-            loss = sum(coefs[name] * value for name, value in values.items())
-        self.accelerator.backward(loss)
+        local = 0
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    out = self.model(batch.x, batch.pos, batch.mask)
+                    values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
+                    loss = sum(coefs[name] * value for name, value in values.items())
+                self.accelerator.backward(loss)
+            local = local + self._local_stats(out.f.detach(), out.x_hat.detach(), batch, values)
+            if self.activity:
+                self.activity.update(out.f, batch.mask, batch.pos)
         if self.sae.cfg.normalize_decoder:
             self.sae.remove_parallel_decoder_grad_()
         if self.cfg.grad_clip:
@@ -136,10 +151,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.sae.cfg.normalize_decoder:
             self.sae.normalize_decoder_()
-        stats = self._global_stats(out.f.detach(), out.x_hat.detach(), batch, values, coefs,
-                                   n_global)
-        if self.activity:
-            self.activity.update(out.f, batch.mask, batch.pos)
+        stats = self._global_stats(local, list(values), coefs, n_global)
         self.step += 1
         if self.cfg.resample_every and self.step % self.cfg.resample_every == 0:
             self._resample(batch, out.x_hat.detach())
@@ -147,22 +159,26 @@ class Trainer:
             term.coefficient.update(stats)
         return stats
 
-    def _global_stats(self, f, x_hat, batch, values, coefs, n_global) -> dict[str, float]:
-        """One all-reduce: term values, L0, reconstruction sums (for FVU), latents fired."""
+    @staticmethod
+    def _local_stats(f, x_hat, batch, values) -> torch.Tensor:
+        """This piece's sums: term values, L0, squared error, Σx², Σx, latents fired."""
         active = f != 0
         active &= batch.mask[..., None]
         x, err = batch.x[batch.mask], (x_hat.float() - batch.x)[batch.mask]
-        local = torch.cat([torch.stack([v.detach().float() for v in values.values()]),
-                           torch.count_nonzero(active).float()[None],  # bool .sum() is slow
-                           err.pow(2).sum()[None], x.pow(2).sum()[None], x.sum(0),
-                           active.flatten(0, -2).any(0).float()])
+        return torch.cat([torch.stack([v.detach().float() for v in values.values()]),
+                          torch.count_nonzero(active).float()[None],  # bool .sum() is slow
+                          err.pow(2).sum()[None], x.pow(2).sum()[None], x.sum(0),
+                          active.flatten(0, -2).any(0).float()])
+
+    def _global_stats(self, local, names, coefs, n_global) -> dict[str, float]:
+        """One all-reduce of the step's sums, turned into logged statistics."""
         total = self.accelerator.reduce(local, "sum")
-        k, d = len(values), x.shape[-1]
+        k, d = len(names), self.sae.cfg.d_in
         sq_err, sq_x, sum_x = total[k + 1], total[k + 2], total[k + 3 : k + 3 + d]
         self.dead.update(total[k + 3 + d :] > 0, int(n_global))
         n = max(n_global, 1.0)
-        stats = {f"loss/{name}": total[i].item() / self.world for i, name in enumerate(values)}
-        stats["loss/total"] = sum(coefs[n_] * stats[f"loss/{n_}"] for n_ in values)
+        stats = {f"loss/{name}": total[i].item() / self.world for i, name in enumerate(names)}
+        stats["loss/total"] = sum(coefs[name] * stats[f"loss/{name}"] for name in names)
         stats.update({f"coef/{name}": c for name, c in coefs.items()})
         stats["l0"] = total[k].item() / n
         stats["fvu"] = (sq_err / (sq_x - sum_x.pow(2).sum() / n).clamp_min(1e-12)).item()
