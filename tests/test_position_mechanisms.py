@@ -282,3 +282,14 @@ def test_multiscale_groups_see_causal_means_within_the_sequence():
     f = sae.encode(x, torch.arange(6).expand(2, 6))
     torch.testing.assert_close(f[..., :8], torch.relu((x - sae.b_dec) @ sae.W_enc[:, :8]
                                                        + sae.b_enc[:8]))
+
+
+def test_per_position_broadcasts_shared_rows_and_gathers_otherwise():
+    from posae.sae.base import per_position
+
+    table = torch.randn(10, 3)
+    same = torch.arange(4).expand(5, 4)
+    assert per_position(table, same).shape == (1, 4, 3)
+    torch.testing.assert_close(per_position(table, same).expand(5, 4, 3), table[same])
+    mixed = torch.stack([torch.arange(4), torch.arange(4) + 6])
+    torch.testing.assert_close(per_position(table, mixed), table[mixed])

@@ -27,6 +27,14 @@ def centred_affine(x: Tensor, b: Tensor, W: Tensor, c: Tensor) -> Tensor:
     return x @ W + (c - b @ W)
 
 
+def per_position(table: Tensor, pos: Tensor) -> Tensor:
+    """table[pos] for a [L, ...] table and [B, T] positions. When every row holds the same
+    positions (whole sequences), one row is gathered and broadcast instead of B."""
+    if pos.dim() == 2 and pos.shape[0] > 1 and bool((pos == pos[:1]).all()):
+        return table[pos[:1]]
+    return table[pos]
+
+
 @dataclass
 class SAEConfig:
     """Fields every architecture shares; subclasses add their own."""

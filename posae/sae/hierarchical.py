@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, SAEConfig, SAEOutput, per_position
 
 
 @dataclass
@@ -65,9 +65,9 @@ class HierarchicalSAE(SAE):
         W_g, W_p = self.W_enc[:, : self.half], self.W_enc[:, self.half :]
         b_g, b_p = self.b_enc[: self.half], self.b_enc[self.half :]
         f_g = torch.relu(centred @ W_g + b_g)
-        pre_p = (centred + self.position_embedding[pos]) @ W_p + b_p
-        gate = torch.sigmoid(self.gate_logits[pos])
-        f_pos = gate * (torch.relu(pre_p) + self.routing()[pos])
+        pre_p = (centred + per_position(self.position_embedding, pos)) @ W_p + b_p
+        gate = torch.sigmoid(per_position(self.gate_logits, pos))
+        f_pos = gate * (torch.relu(pre_p) + per_position(self.routing(), pos))
         return torch.cat([f_g, f_pos], -1), f_g, pre_p
 
     def encode(self, x, pos=None, mask=None):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, SAEConfig, SAEOutput, per_position
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PASAE(SAE):
     def position_mask(self, pos: Tensor) -> Tensor:
         if self.cfg.mask == "none":
             return torch.ones((), device=pos.device)
-        soft = torch.sigmoid(self.mask_logits[pos])
+        soft = torch.sigmoid(per_position(self.mask_logits, pos))
         if self.cfg.mask == "soft":
             return soft
         return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
@@ -66,7 +66,7 @@ class PASAE(SAE):
     def scaled_pre(self, pre: Tensor, pos: Tensor) -> Tensor:
         scale = self.position_mask(pos)
         if self.cfg.adaptive_rates:
-            scale = scale * self.rates[pos] / self.cfg.rate_init
+            scale = scale * per_position(self.rates, pos) / self.cfg.rate_init
         return pre * scale
 
     def encode(self, x, pos=None, mask=None):
@@ -82,7 +82,7 @@ class PASAE(SAE):
         if self.training and f.requires_grad:
             counted = torch.ones_like(pos, dtype=f.dtype) if mask is None else mask.to(f.dtype)
             f.register_hook(lambda grad: self._record_gradients(grad, pos, counted))
-        weights = torch.softmax(self.importance_ema, dim=0)[pos] * self.cfg.context_size
+        weights = self.cfg.context_size * per_position(torch.softmax(self.importance_ema, 0), pos)
         return SAEOutput(self.decode(f), f, pre, {"position_weights": weights})
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, SAEConfig, SAEOutput, per_position
 
 
 @dataclass
@@ -59,7 +59,7 @@ class PositionMaskedSAE(SAE):
             self.strength.fill_(min(1.0, step / self.cfg.schedule_steps))
 
     def effective_mask(self, pos: Tensor) -> Tensor:
-        return 1 - self.strength * (1 - self.mask[pos])
+        return 1 - self.strength * (1 - per_position(self.mask, pos))
 
     def encode(self, x, pos=None, mask=None):
         if pos is None:
