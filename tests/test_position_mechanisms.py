@@ -293,3 +293,15 @@ def test_per_position_broadcasts_shared_rows_and_gathers_otherwise():
     torch.testing.assert_close(per_position(table, same).expand(5, 4, 3), table[same])
     mixed = torch.stack([torch.arange(4), torch.arange(4) + 6])
     torch.testing.assert_close(per_position(table, mixed), table[mixed])
+
+
+def test_hierarchical_switches_remove_each_mechanism():
+    sae = build("hierarchical", context_size=8, heads=2, head_dim=4, position_embedding=False,
+                routing=False, gate=False)
+    with torch.no_grad():
+        sae.position_embedding.normal_()
+        sae.value.weight.normal_()
+        sae.gate_logits.normal_()
+    x = torch.randn(2, 8, 8)
+    f = sae.encode(x, torch.arange(8).expand(2, 8))
+    torch.testing.assert_close(f, torch.relu(sae.pre_activations(x)))

@@ -6,7 +6,8 @@
     g_t = sigmoid(w_t)                                      learned gate           (eq. 4)
     f   = [f_g ; g_t ⊙ (f_p + α_t)],   x̂ = W_dec f + b_dec                         (eq. 5-6)
 
-P [L, d] is the learned position embedding (p_t its row t). Reading (docs/variants.md):
+P [L, d] is the learned position embedding (p_t its row t). `variant.position_embedding`,
+`variant.routing` and `variant.gate` switch each mechanism off for ablations. Reading (docs/variants.md):
 002 does not say what the routing attends over; here each position's query attends over
 all L position embeddings (8 heads, key/query dim 64), so α_t is a learned, position-
 dependent offset of the positional codes computed by attention, and every token's codes
@@ -29,6 +30,10 @@ class HierarchicalConfig(SAEConfig):
     context_size: int = 128
     heads: int = 8
     head_dim: int = 64
+    # switches for ablations: each mechanism of eq. 3-5 can be turned off
+    position_embedding: bool = True
+    routing: bool = True
+    gate: bool = True
 
 
 class HierarchicalSAE(SAE):
@@ -65,9 +70,14 @@ class HierarchicalSAE(SAE):
         W_g, W_p = self.W_enc[:, : self.half], self.W_enc[:, self.half :]
         b_g, b_p = self.b_enc[: self.half], self.b_enc[self.half :]
         f_g = torch.relu(centred @ W_g + b_g)
-        pre_p = (centred + per_position(self.position_embedding, pos)) @ W_p + b_p
-        gate = torch.sigmoid(per_position(self.gate_logits, pos))
-        f_pos = gate * (torch.relu(pre_p) + per_position(self.routing(), pos))
+        if self.cfg.position_embedding:
+            centred = centred + per_position(self.position_embedding, pos)
+        pre_p = centred @ W_p + b_p
+        f_pos = torch.relu(pre_p)
+        if self.cfg.routing:
+            f_pos = f_pos + per_position(self.routing(), pos)
+        if self.cfg.gate:
+            f_pos = torch.sigmoid(per_position(self.gate_logits, pos)) * f_pos
         return torch.cat([f_g, f_pos], -1), f_g, pre_p
 
     def encode(self, x, pos=None, mask=None):
