@@ -6,13 +6,13 @@
     g_t = sigmoid(w_t)                                      learned gate           (eq. 4)
     f   = [f_g ; g_t ⊙ (f_p + α_t)],   x̂ = W_dec f + b_dec                         (eq. 5-6)
 
-P [L, d] is the learned position embedding (p_t its row t). `variant.position_embedding`,
-`variant.routing` and `variant.gate` switch each mechanism off for ablations. Reading (docs/variants.md):
-002 does not say what the routing attends over; here each position's query attends over
-all L position embeddings (8 heads, key/query dim 64), so α_t is a learned, position-
-dependent offset of the positional codes computed by attention, and every token's codes
-still depend on that token alone. w_t is a learned [L, k/2] gate. The centring on b_dec
-follows the baseline; W_g and W_p are the two halves of W_enc.
+P [L, d] is the learned position embedding (p_t its row t); `variant.position_embedding`,
+`variant.routing` and `variant.gate` switch each mechanism off for ablations. Reading
+(docs/variants.md): 002 does not say what the routing attends over; here each position's
+query attends over all L position embeddings (8 heads, key/query dim 64), so α_t is a
+learned, position-dependent offset of the positional codes computed by attention, and
+every token's codes still depend on that token alone. w_t is a learned [L, k/2] gate.
+The centring on b_dec follows the baseline; W_g and W_p are the two halves of W_enc.
 """
 
 from __future__ import annotations
