@@ -98,3 +98,22 @@ def test_temporal_importance_scores_follow_001_eq6():
     scores = activity.scores(gamma=5.0)
     assert scores.tolist() == pytest.approx([2.0 * (1 + 5 * 2 / 3), 2.0])
     assert lowest_fraction(scores, 0.5).tolist() == [1]
+
+
+def test_position_activity_is_the_same_for_shared_and_mixed_positions():
+    torch.manual_seed(0)
+    f, mask = torch.rand(3, 4, 5), torch.rand(3, 4) > 0.3
+    shared = PositionActivity(context=8, d_sae=5, device=torch.device("cpu"))
+    shared.update(f, mask, torch.arange(4).expand(3, 4))
+    one_by_one = PositionActivity(context=8, d_sae=5, device=torch.device("cpu"))
+    for row in range(3):
+        one_by_one.update(f[row : row + 1], mask[row : row + 1], torch.arange(4)[None])
+    torch.testing.assert_close(shared.sums, one_by_one.sums)
+    torch.testing.assert_close(shared.counts, one_by_one.counts)
+    shifted = PositionActivity(context=8, d_sae=5, device=torch.device("cpu"))
+    pos = torch.stack([torch.arange(4), torch.arange(4) + 4, torch.arange(4)])
+    shifted.update(f, mask, pos)
+    expected = torch.zeros(8, 5)
+    for row in range(3):
+        expected[pos[row]] += f[row] * mask[row, :, None]
+    torch.testing.assert_close(shifted.sums, expected)

@@ -26,6 +26,11 @@ class PositionActivity:
 
     def update(self, f: Tensor, mask: Tensor, pos: Tensor) -> None:
         weights = mask.float()
+        if bool((pos == pos[:1]).all()):  # whole sequences: reduce over the batch first
+            self.sums.index_add_(0, pos[0], torch.einsum("btk,bt->tk", f.detach().abs().float(),
+                                                         weights))
+            self.counts.index_add_(0, pos[0], weights.sum(0))
+            return
         self.sums.index_add_(0, pos.flatten(), (f.detach().abs() * weights[..., None])
                              .flatten(0, 1).float())
         self.counts.index_add_(0, pos.flatten(), weights.flatten())
