@@ -298,10 +298,7 @@ def test_per_position_broadcasts_shared_rows_and_gathers_otherwise():
 def test_hierarchical_switches_remove_each_mechanism():
     sae = build("hierarchical", context_size=8, heads=2, head_dim=4, position_embedding=False,
                 routing=False, gate=False)
-    with torch.no_grad():
-        sae.position_embedding.normal_()
-        sae.value.weight.normal_()
-        sae.gate_logits.normal_()
+    assert {name for name, _ in sae.named_parameters()} == {"W_enc", "W_dec", "b_enc", "b_dec"}
     x = torch.randn(2, 8, 8)
     f = sae.encode(x, torch.arange(8).expand(2, 8))
     torch.testing.assert_close(f, torch.relu(sae.pre_activations(x)))

@@ -44,13 +44,18 @@ class HierarchicalSAE(SAE):
         if cfg.d_sae % 2:
             raise ValueError("variant: the hierarchical SAE needs an even number of latents")
         L, d, half = cfg.context_size, cfg.d_in, cfg.d_sae // 2
-        inner = cfg.heads * cfg.head_dim
-        self.position_embedding = nn.Parameter(torch.zeros(L, d))
-        self.query = nn.Linear(d, inner, bias=False)
-        self.key = nn.Linear(d, inner, bias=False)
-        self.value = nn.Linear(d, half, bias=False)
-        nn.init.zeros_(self.value.weight)  # routing starts as a no-op
-        self.gate_logits = nn.Parameter(torch.zeros(L, half))
+        # only the switched-on mechanisms get parameters (data parallelism needs every
+        # parameter to receive a gradient)
+        if cfg.position_embedding or cfg.routing:
+            self.position_embedding = nn.Parameter(torch.zeros(L, d))
+        if cfg.routing:
+            inner = cfg.heads * cfg.head_dim
+            self.query = nn.Linear(d, inner, bias=False)
+            self.key = nn.Linear(d, inner, bias=False)
+            self.value = nn.Linear(d, half, bias=False)
+            nn.init.zeros_(self.value.weight)  # routing starts as a no-op
+        if cfg.gate:
+            self.gate_logits = nn.Parameter(torch.zeros(L, half))
 
     @property
     def half(self) -> int:
@@ -98,6 +103,8 @@ class HierarchicalSAE(SAE):
         """As the base SAE, and the position embedding joins the input: P/s, with the
         routing's projections of P scaled by s so that α is unchanged."""
         super().fold_input_scale_(scale)
-        self.position_embedding /= scale
-        for projection in (self.query, self.key, self.value):
-            projection.weight *= scale
+        if hasattr(self, "position_embedding"):
+            self.position_embedding /= scale
+        if self.cfg.routing:
+            for projection in (self.query, self.key, self.value):
+                projection.weight *= scale
