@@ -14,6 +14,7 @@ import sys
 import hydra
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import DictConfig
 
 from posae.cli import CONFIG_PATH, exit_on_user_error, log
@@ -36,7 +37,10 @@ def make_accelerator(trainer_node) -> Accelerator:
     precision = trainer_node.mixed_precision
     if precision == "auto":
         precision = "no" if cpu else "bf16"
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    # Some variants leave parameters without a gradient in a step (an adapter whose position
+    # range is absent from a batch of short windows, a switched-off mask): DDP must allow it.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[ddp])
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

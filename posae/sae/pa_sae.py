@@ -95,8 +95,11 @@ class PASAE(SAE):
     def before_step(self, step: int) -> None:
         """Apply eq. 4 and eq. 6 with the gradients recorded in the previous step."""
         if dist.is_available() and dist.is_initialized():
+            # each process saw world x the gradient of its tokens (its loss is normalised by
+            # its share of the global batch), so the sum over processes is divided by world
             dist.all_reduce(self.grad_sum)
             dist.all_reduce(self.grad_count)
+            self.grad_sum /= dist.get_world_size()
         seen = self.grad_count > 0
         if not seen.any():
             return

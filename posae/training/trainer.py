@@ -115,6 +115,9 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"].cpu())
 
     def save_checkpoint(self) -> None:
+        # apply state an SAE keeps pending for its next step (PA-SAE's recorded gradients,
+        # all-reduced: every process takes part), so a checkpoint holds no per-process state
+        self.sae.before_step(self.step)
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -227,6 +230,7 @@ class Trainer:
                     self.save_checkpoint()
                 if stop.item():
                     raise TrainingInterrupted(self.stop_signal or signal.SIGTERM)
+            self.sae.before_step(self.step)  # apply pending state before the SAE is saved
         finally:
             bar.close()
             for sig, handler in previous.items():
