@@ -1,7 +1,7 @@
 """`python -m posae.train`: train an SAE on cached activations, save it, report held-out metrics.
 
     python -m posae.train variant=topk layer=3
-    accelerate launch -m posae.train model=gemma-2-2b layer=12
+    accelerate launch --multi_gpu --num_processes 4 -m posae.train model=gemma-2-2b layer=12
     python -m posae.train resume=true hydra.run.dir=outputs/runs/<date>/<run>
 """
 
