@@ -64,6 +64,18 @@ class SAEConfig:
 
 
 @dataclass
+class PositionalConfig(SAEConfig):
+    """Architectures with per-position state need the context length L."""
+
+    context_size: int = 128
+
+
+def position_range(pos: Tensor, n_ranges: int, context_size: int) -> Tensor:
+    """Index of the equal position range (of `n_ranges` over the context) each position is in."""
+    return (pos * n_ranges // context_size).clamp(0, n_ranges - 1)
+
+
+@dataclass
 class SAEOutput:
     x_hat: Tensor
     f: Tensor

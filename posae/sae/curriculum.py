@@ -20,12 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from posae.losses.controllers import Ramp
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, PositionalConfig, SAEOutput, position_range
 
 
 @dataclass
-class CurriculumConfig(SAEConfig):
-    context_size: int = 128
+class CurriculumConfig(PositionalConfig):
     n_ranges: int = 4
     adapter_dropout: float = 0.1
     curriculum_delay: int = 1000
@@ -50,7 +49,7 @@ class CurriculumSAE(SAE):
         self.curriculum.fill_(self.ramp(step))
 
     def position_range(self, pos: Tensor) -> Tensor:
-        return (pos * self.cfg.n_ranges // self.cfg.context_size).clamp(0, self.cfg.n_ranges - 1)
+        return position_range(pos, self.cfg.n_ranges, self.cfg.context_size)
 
     def base_codes(self, x: Tensor) -> Tensor:
         return torch.relu(self.base_norm(x @ self.W_enc + self.b_enc))

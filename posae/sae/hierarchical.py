@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput, per_position
+from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
 
 
 @dataclass
-class HierarchicalConfig(SAEConfig):
-    context_size: int = 128
+class HierarchicalConfig(PositionalConfig):
     heads: int = 8
     head_dim: int = 64
     # switches for ablations: each mechanism of eq. 3-5 can be turned off

@@ -23,12 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput, per_position
+from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
 
 
 @dataclass
-class PASAEConfig(SAEConfig):
-    context_size: int = 128
+class PASAEConfig(PositionalConfig):
     # soft | hard | none
     mask: str = "soft"
     # initial mask logits: sigmoid(2) = 0.88, every feature open at every position

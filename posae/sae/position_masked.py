@@ -19,20 +19,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput, per_position
+from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position, position_range
 
 
 @dataclass
-class PositionMaskedConfig(SAEConfig):
-    context_size: int = 128
+class PositionMaskedConfig(PositionalConfig):
     mask: str = "hard"
     n_ranges: int = 4
     sigma: Optional[float] = None
     schedule_steps: int = 0
-
-
-def position_range(pos: Tensor, n_ranges: int, context_size: int) -> Tensor:
-    return (pos * n_ranges // context_size).clamp(0, n_ranges - 1)
 
 
 class PositionMaskedSAE(SAE):
@@ -73,8 +68,7 @@ class PositionMaskedSAE(SAE):
 
 
 @dataclass
-class RangeEncoderConfig(SAEConfig):
-    context_size: int = 128
+class RangeEncoderConfig(PositionalConfig):
     n_ranges: int = 4
 
 
