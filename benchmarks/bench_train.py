@@ -36,6 +36,8 @@ from posae.training.batches import split_sequences  # noqa: E402
 from posae.training.loggers import NoLogger  # noqa: E402
 from posae.training.trainer import Trainer  # noqa: E402
 
+# Timed in steady state: the curriculum's adapters switched on from the first step.
+STEADY_STATE = {"curriculum": ["variant.curriculum_delay=0"]}
 VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "variant")
                   .glob("*.yaml"))
 
@@ -75,7 +77,8 @@ def main() -> None:
         accelerator = Accelerator(cpu=True)
         results, params = {}, {}
         for name in args.variants.split(","):
-            cfg = compose_config(overrides=[*base, f"variant={name}"])
+            cfg = compose_config(overrides=[*base, f"variant={name}",
+                                            *STEADY_STATE.get(name, [])])
             sae_cfg = sae_config(cfg.variant, cache.d_model)
             torch.manual_seed(0)
             trainer = Trainer(build_sae(sae_cfg), build_loss_terms(cfg.loss),

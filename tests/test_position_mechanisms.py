@@ -220,6 +220,21 @@ def test_hierarchical_global_half_ignores_position_and_positional_half_does_not(
     assert not torch.allclose(positional_half, positional_half[:1].expand(8, -1))
 
 
+def test_hierarchical_codes_follow_eq_2_to_5_as_written():
+    sae = build("hierarchical", context_size=8, heads=2, head_dim=4)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, pos = torch.randn(2, 8, 8), torch.arange(8).expand(2, 8)
+    half, centred = 8, x - sae.b_dec
+    W_g, W_p, b_g, b_p = sae.W_enc[:, :half], sae.W_enc[:, half:], sae.b_enc[:half], sae.b_enc[half:]
+    f_g = torch.relu(centred @ W_g + b_g)                                   # eq. 2
+    f_p = torch.relu((centred + sae.position_embedding[pos]) @ W_p + b_p)  # eq. 3
+    gate = torch.sigmoid(sae.gate_logits[pos])                              # eq. 4
+    expected = torch.cat([f_g, gate * (f_p + sae.routing()[pos])], -1)      # eq. 5
+    torch.testing.assert_close(sae.encode(x, pos), expected)
+
+
 def test_hard_position_mask_opens_each_latent_group_on_its_quarter_only():
     sae = build("position_masked", context_size=8, mask="hard", n_ranges=4)
     # 16 latents in 4 groups of 4; positions 0-1 → group 0, 2-3 → group 1, ...

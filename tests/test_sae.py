@@ -95,6 +95,37 @@ def test_batchtopk_selects_k_times_tokens_over_the_batch_then_thresholds():
     assert torch.equal(sae.eval().encode(x), pre * (pre > sae.threshold))
 
 
+@pytest.mark.parametrize("crowded_token", [False, True])
+def test_batchtopk_two_stage_selection_is_the_full_batch_topk(crowded_token):
+    sae = make("batchtopk").train()  # k = 4: 16 candidates per token
+    x, pos, mask = inputs(4, 8)
+    mask[1, 3] = False
+    pre = sae.pre_activations(x)
+    if crowded_token:  # one token holds 40 of the batch's largest values: the full search
+        pre = pre.detach().clone()
+        pre[2, 5, :40] = 100 + torch.arange(40.0)
+    tokens, latents, values = sae.batch_select(pre, mask)
+    acts = (torch.relu(pre) * mask[..., None]).flatten()
+    expected = acts.topk(4 * int(mask.sum())).values
+    flat = tokens * D_SAE + latents
+    assert len(set(flat.tolist())) == len(flat)
+    torch.testing.assert_close(values.sort(descending=True).values, expected)
+    torch.testing.assert_close(acts[flat], values)
+    assert ((values >= 100).sum() == 40) == crowded_token
+
+
+def test_batchtopk_sparse_decode_equals_the_dense_decoder():
+    sae = make("batchtopk").train()
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    torch.testing.assert_close(out.x_hat, out.f @ sae.W_dec + sae.b_dec)
+    params = [sae.W_enc, sae.W_dec, sae.b_enc]
+    sparse = torch.autograd.grad(out.x_hat.pow(2).sum(), params, retain_graph=True)
+    dense = torch.autograd.grad((out.f @ sae.W_dec + sae.b_dec).pow(2).sum(), params)
+    for a, b in zip(sparse, dense):
+        torch.testing.assert_close(a, b)
+
+
 def test_jumprelu_forward_and_threshold_gradient():
     sae = make("jumprelu", initial_threshold=0.5, bandwidth=0.2)
     x, pos, mask = inputs()
@@ -110,10 +141,14 @@ def test_jumprelu_forward_and_threshold_gradient():
 
 def test_gated_codes_are_gate_times_magnitude():
     sae = make("gated")
+    with torch.no_grad():
+        sae.r_mag.normal_()
+        sae.b_mag.normal_()
     x, pos, mask = inputs()
     out = sae(x, pos, mask)
-    gate = out.pre > 0
-    assert torch.equal(out.f != 0, gate & (sae.magnitudes(x) > 0))
+    # π_mag as the paper writes it: its own matmul with exp(r_mag) ⊙ W_gate
+    pi_mag = (x - sae.b_dec) @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
+    torch.testing.assert_close(out.f, (out.pre > 0) * torch.relu(pi_mag))
     torch.testing.assert_close(out.extras["l1_codes"], torch.relu(out.pre))
 
 

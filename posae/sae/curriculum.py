@@ -55,8 +55,11 @@ class CurriculumSAE(SAE):
         return torch.relu(self.base_norm(x @ self.W_enc + self.b_enc))
 
     def adapted(self, h_b: Tensor, pos: Tensor) -> Tensor:
-        """α_t · Dropout(LayerNorm(f_r(h_b))), each token through its own range's adapter."""
+        """α_t · Dropout(LayerNorm(f_r(h_b))), each token through its own range's adapter.
+        While α_t = 0 the adapters are not run: they get no gradient and no weight decay."""
         delta = torch.zeros_like(h_b)
+        if self.curriculum.item() == 0:
+            return delta
         ranges = self.position_range(pos)
         for r, adapter in enumerate(self.adapters):
             rows = ranges == r

@@ -1,20 +1,21 @@
 """Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs").
 
     π_gate = (x - b_dec) W_gate + b_gate,         f_gate = 1[π_gate > 0]
-    π_mag  = (x - b_dec) (exp(r_mag) ⊙ W_gate) + b_mag
+    π_mag  = (x - b_dec) (exp(r_mag) ⊙ W_gate) + b_mag = exp(r_mag) ⊙ (π_gate - b_gate) + b_mag
     f      = f_gate ⊙ ReLU(π_mag),                x̂ = f W_dec + b_dec
 
 W_gate is the shared `W_enc` and b_gate the shared `b_enc`. Their loss adds
 λ‖ReLU(π_gate)‖₁ (the `l1` term reads `extras["l1_codes"]`) and the auxiliary
 reconstruction ‖x - x̂_frozen(ReLU(π_gate))‖² through a frozen decoder (`gated_aux`).
+π_mag is computed from π_gate (the right-hand identity): one encoder matmul, not two.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEOutput, centred_affine
+from posae.sae.base import SAE, SAEOutput
 
 
 class GatedSAE(SAE):
@@ -23,15 +24,17 @@ class GatedSAE(SAE):
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
-    def magnitudes(self, x, pos=None):
-        return torch.relu(centred_affine(x, self.b_dec, self.W_enc * self.r_mag.exp(), self.b_mag))
+    def gated_codes(self, pre: Tensor) -> Tensor:
+        """f = 1[π_gate > 0] ⊙ ReLU(π_mag) from the gate pre-activations π_gate."""
+        magnitudes = torch.relu(self.r_mag.exp() * (pre - self.b_enc) + self.b_mag)
+        return (pre > 0) * magnitudes
 
-    def encode(self, x, pos=None, mask=None):
-        return (self.pre_activations(x, pos) > 0) * self.magnitudes(x, pos)
+    def activation(self, pre, mask=None):
+        return self.gated_codes(pre)
 
     def forward(self, x, pos=None, mask=None) -> SAEOutput:
         pre = self.pre_activations(x, pos)
-        f = (pre > 0) * self.magnitudes(x, pos)
+        f = self.gated_codes(pre)
         gate_codes = torch.relu(pre)
         frozen = gate_codes @ self.W_dec.detach() + self.b_dec.detach()
         return SAEOutput(self.decode(f, pos), f, pre,

@@ -68,34 +68,35 @@ class HierarchicalSAE(SAE):
         weights = torch.softmax(q @ k.transpose(1, 2) / self.cfg.d_in ** 0.5, dim=-1)
         return weights.mean(0) @ self.value(P)
 
-    def codes(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(f, f_g, positional pre-activations)."""
-        centred = x - self.b_dec
-        W_g, W_p = self.W_enc[:, : self.half], self.W_enc[:, self.half :]
-        b_g, b_p = self.b_enc[: self.half], self.b_enc[self.half :]
-        f_g = torch.relu(centred @ W_g + b_g)
-        if self.cfg.position_embedding:
-            centred = centred + per_position(self.position_embedding, pos)
-        pre_p = centred @ W_p + b_p
-        f_pos = torch.relu(pre_p)
-        if self.cfg.routing:
-            f_pos = f_pos + per_position(self.routing(), pos)
-        if self.cfg.gate:
-            f_pos = torch.sigmoid(per_position(self.gate_logits, pos)) * f_pos
-        return torch.cat([f_g, f_pos], -1), f_g, pre_p
+    def position_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-position [L, k] tables (shift, scale, offset) with
+        pre_t = (x - b_dec) W_enc + b_enc + shift_t and f_t = ReLU(pre_t) ⊙ scale_t + offset_t:
 
-    def encode(self, x, pos=None, mask=None):
-        if pos is None:
-            raise ValueError("the hierarchical SAE needs token positions")
-        return self.codes(x, pos)[0]
+            shift  = [0 ; p_t W_p]           eq. 3 by linearity, (x - b_dec + p_t) W_p
+            scale  = [1 ; g_t]               eq. 4-5, the gate on the positional half
+            offset = [0 ; g_t ⊙ α_t]         eq. 4-5, routing inside the gate
+
+        so every token costs one encoder matmul and two element-wise ops, as a ReLU SAE."""
+        L, half = self.cfg.context_size, self.half
+        ones, zeros = self.b_enc.new_ones(L, half), self.b_enc.new_zeros(L, half)
+        shift = (self.position_embedding @ self.W_enc[:, half:]
+                 if self.cfg.position_embedding else zeros)
+        gate = torch.sigmoid(self.gate_logits) if self.cfg.gate else ones
+        routed = gate * self.routing() if self.cfg.routing else zeros
+        return (torch.cat([zeros, shift], -1), torch.cat([ones, gate], -1),
+                torch.cat([zeros, routed], -1))
 
     def forward(self, x, pos=None, mask=None) -> SAEOutput:
         if pos is None:
             raise ValueError("the hierarchical SAE needs token positions")
-        f, f_g, pre_p = self.codes(x, pos)
-        pre = torch.cat([self.pre_activations(x)[..., : self.half], pre_p], -1)
-        return SAEOutput(self.decode(f), f, pre,
-                         {"global_codes": f_g, "positional_codes": f[..., self.half :]})
+        shift, scale, offset = self.position_tables()
+        pre = self.pre_activations(x) + per_position(shift, pos)
+        f = torch.relu(pre) * per_position(scale, pos) + per_position(offset, pos)
+        return SAEOutput(self.decode(f), f, pre, {"global_codes": f[..., : self.half],
+                                                  "positional_codes": f[..., self.half :]})
+
+    def encode(self, x, pos=None, mask=None):
+        return self.forward(x, pos, mask).f
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

@@ -56,14 +56,17 @@ class PositionMaskedSAE(SAE):
     def effective_mask(self, pos: Tensor) -> Tensor:
         return 1 - self.strength * (1 - per_position(self.mask, pos))
 
-    def encode(self, x, pos=None, mask=None):
+    def masked_codes(self, pre: Tensor, pos: Tensor | None) -> Tensor:
         if pos is None:
             raise ValueError("a position-masked SAE needs token positions")
-        return torch.relu(self.pre_activations(x)) * self.effective_mask(pos)
+        return torch.relu(pre) * self.effective_mask(pos)
+
+    def encode(self, x, pos=None, mask=None):
+        return self.masked_codes(self.pre_activations(x), pos)
 
     def forward(self, x, pos=None, mask=None) -> SAEOutput:
         pre = self.pre_activations(x)
-        f = self.encode(x, pos)
+        f = self.masked_codes(pre, pos)
         return SAEOutput(self.decode(f), f, pre)
 
 

@@ -52,26 +52,64 @@ class TopKSAE(SAE):
 class BatchTopKSAE(SAE):
     """Top (k x tokens) activations over the whole batch in training; at inference a
     threshold θ, the running mean over training batches of the smallest selected
-    activation (Bussmann et al. 2024). Decodes densely: a token may hold more than k."""
+    activation (Bussmann et al. 2024). A token may hold more than k active latents.
+
+    Training selects in two stages, exactly: each token's `candidates_per_k` x k largest
+    activations, then the batch's top k x tokens among those; when some token has more
+    candidates at or above the selected minimum than it contributed, the full search
+    runs instead. The decoder is sparse, as TopK's.
+    """
 
     config_class = TopKConfig
+    candidates_per_k = 4
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_batches", torch.tensor(0, dtype=torch.long))
 
+    def batch_select(self, pre: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(token, latent, value) of the batch's k x tokens largest ReLU'd pre-activations,
+        tokens indexing pre flattened to [tokens, d_sae]; masked tokens never selected."""
+        acts = torch.relu(pre).reshape(-1, pre.shape[-1])
+        if mask is not None:
+            acts = acts * mask.reshape(-1, 1).to(acts.dtype)
+        n_tokens = int(mask.sum()) if mask is not None else acts.shape[0]
+        budget = min(self.cfg.k * n_tokens, acts.numel())
+        per_token = min(self.candidates_per_k * self.cfg.k, acts.shape[1])
+        values, latents = acts.topk(per_token, dim=-1, sorted=False)
+        chosen = values.flatten().topk(budget, sorted=False)
+        smallest_candidate = values.min(-1).values
+        incomplete = (smallest_candidate >= chosen.values.min()) & (smallest_candidate > 0)
+        if per_token < acts.shape[1] and bool(incomplete.any()):
+            chosen = acts.flatten().topk(budget, sorted=False)
+            return chosen.indices // acts.shape[1], chosen.indices % acts.shape[1], chosen.values
+        return chosen.indices // per_token, latents.flatten()[chosen.indices], chosen.values
+
     def activation(self, pre, mask=None):
         if not self.training:
             return pre * (pre > self.threshold)
-        acts = torch.relu(pre)
-        if mask is not None:
-            acts = acts * mask[..., None].to(acts.dtype)
-        n_tokens = int(mask.sum()) if mask is not None else acts[..., 0].numel()
-        chosen = acts.flatten().topk(min(self.cfg.k * n_tokens, acts.numel()), sorted=False)
-        self._update_threshold(chosen.values)
-        return torch.zeros_like(acts).flatten().scatter(0, chosen.indices, chosen.values) \
-            .view_as(acts)
+        tokens, latents, values = self.batch_select(pre, mask)
+        return self._dense(pre, tokens, latents, values)
+
+    def forward(self, x, pos=None, mask=None) -> SAEOutput:
+        pre = self.pre_activations(x, pos)
+        if not self.training:
+            f = self.activation(pre)
+            return SAEOutput(self.decode(f), f, pre)
+        tokens, latents, values = self.batch_select(pre, mask)
+        self._update_threshold(values)
+        order = (tokens * pre.shape[-1] + latents).argsort()  # bags of each token contiguous
+        counts = torch.bincount(tokens, minlength=pre[..., 0].numel())
+        x_hat = F.embedding_bag(latents[order], self.W_dec, counts.cumsum(0) - counts,
+                                mode="sum", per_sample_weights=values[order].to(self.W_dec.dtype))
+        return SAEOutput(x_hat.view(*pre.shape[:-1], -1) + self.b_dec,
+                         self._dense(pre, tokens, latents, values), pre)
+
+    @staticmethod
+    def _dense(pre: Tensor, tokens: Tensor, latents: Tensor, values: Tensor) -> Tensor:
+        flat = torch.zeros_like(pre).view(-1, pre.shape[-1])
+        return flat.index_put((tokens, latents), values.to(pre.dtype)).view_as(pre)
 
     @torch.no_grad()
     def _update_threshold(self, selected: Tensor) -> None:

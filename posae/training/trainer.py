@@ -28,6 +28,7 @@ from posae.sae.base import SAE
 from posae.training.batches import BatchLoader, WindowOrder
 from posae.training.checkpoint import save_checkpoint
 from posae.training.dead import DeadLatents
+from posae.training.host_memory import keep_freed_host_memory
 from posae.training.resampling import PositionActivity, lowest_fraction, resample_latents
 from posae.training.schedule import lr_multiplier
 
@@ -54,6 +55,8 @@ class Trainer:
                  accelerator: Accelerator, run_dir: Path, logger):
         self.cfg, self.terms, self.accelerator = cfg, terms, accelerator
         self.run_dir, self.logger = run_dir, logger
+        if accelerator.device.type == "cpu":
+            keep_freed_host_memory()
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.units_per_step = cfg.batch_tokens // cfg.window
         if self.units_per_step % self.world:
