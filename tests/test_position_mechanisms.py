@@ -227,7 +227,8 @@ def test_hierarchical_codes_follow_eq_2_to_5_as_written():
             p.add_(0.3 * torch.randn_like(p))
     x, pos = torch.randn(2, 8, 8), torch.arange(8).expand(2, 8)
     half, centred = 8, x - sae.b_dec
-    W_g, W_p, b_g, b_p = sae.W_enc[:, :half], sae.W_enc[:, half:], sae.b_enc[:half], sae.b_enc[half:]
+    W_g, W_p = sae.W_enc[:, :half], sae.W_enc[:, half:]
+    b_g, b_p = sae.b_enc[:half], sae.b_enc[half:]
     f_g = torch.relu(centred @ W_g + b_g)                                   # eq. 2
     f_p = torch.relu((centred + sae.position_embedding[pos]) @ W_p + b_p)  # eq. 3
     gate = torch.sigmoid(sae.gate_logits[pos])                              # eq. 4
