@@ -223,6 +223,42 @@ class TrainerConfig:
     cpu: bool = False
 
 
+# Evaluations beyond the held-out pass (core, per-position, temporal), which always runs.
+EVAL_FAMILIES = ("structure", "preservation", "probing", "absorption")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a trained SAE (conf/eval/): after training and `python -m posae.evaluate`."""
+
+    enabled: bool = True
+    families: list[str] = field(default_factory=lambda: list(EVAL_FAMILIES))
+    # Held-out sequences for the cache-based metrics (null: all of them).
+    max_sequences: Optional[int] = None
+    batch_sequences: int = 32
+    device: str = "auto"
+    preservation_sequences: int = 64
+    position_buckets: int = 8
+    position_probe_tokens: int = 8000
+    cluster_latents: int = 512
+    max_clusters: int = 12
+    # Files in conf/probing/, each a sparse-probing task.
+    probing_tasks: list[str] = field(default_factory=lambda: ["stdlib_packages"])
+    probing: dict = field(default_factory=dict)
+    absorption: dict = field(default_factory=dict)
+    plots: bool = True
+
+
+def eval_config(node: Any) -> EvalConfig:
+    cfg = typed(node, EvalConfig, "eval")
+    for family in cfg.families:
+        _choice(family, EVAL_FAMILIES, "eval.families")
+    for key in ("batch_sequences", "preservation_sequences", "position_buckets",
+                "position_probe_tokens", "cluster_latents", "max_clusters"):
+        positive_int(getattr(cfg, key), f"eval.{key}")
+    return cfg
+
+
 def optim_config(node: Any) -> OptimConfig:
     cfg = typed(node, OptimConfig, "optim")
     _choice(cfg.name, OPTIMIZERS, "optim.name")

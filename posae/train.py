@@ -18,11 +18,12 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import DictConfig
 
 from posae.cli import CONFIG_PATH, exit_on_user_error, log
-from posae.config import cache_request, optim_config, trainer_config
+from posae.config import cache_request, eval_config, optim_config, trainer_config
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
-from posae.eval.core import core_metrics
+from posae.eval.held_out import held_out_pass
+from posae.eval.run import evaluate_run
 from posae.losses import build_loss_terms
 from posae.sae import build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, split_sequences, whole_sequences
@@ -56,6 +57,7 @@ def main(cfg: DictConfig) -> None:
     optim, tcfg = optim_config(cfg.optim), trainer_config(cfg.trainer, req.context_size)
     sae_cfg = sae_config(cfg.variant, req.model.d_model)
     terms = build_loss_terms(cfg.loss)
+    ecfg = eval_config(cfg.eval)
 
     with accelerator.main_process_first():
         build_cache(req)
@@ -93,15 +95,20 @@ def main(cfg: DictConfig) -> None:
         })
         loader = BatchLoader(cache, req.context_size, 1.0, tcfg.train_on_special_tokens,
                              accelerator.device)
-        metrics = core_metrics(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)))
+        metrics = held_out_pass(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)),
+                                req.context_size)["core"]
         summary = {"held_out": metrics, "final_train_stats": trainer.last_stats,
-                   "steps": trainer.step,
-                   "tokens": trainer.step * tcfg.batch_tokens, "train_seconds": seconds}
+                   "steps": trainer.step, "tokens": trainer.step * tcfg.batch_tokens,
+                   "train_seconds": seconds, "wandb_run_id": logger.run_id}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        logger.summary({f"eval/{k}": v for k, v in metrics.items()})
         log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
                  metrics["explained_variance"], metrics["l0"], metrics["mse"],
                  metrics["dead_fraction"], run_dir / "sae")
+        if ecfg.enabled:
+            log.info("evaluating (eval.enabled=false skips this)")
+            evaluate_run(run_dir, ecfg, logger)
+        else:
+            logger.summary({f"eval/core/{k}": v for k, v in metrics.items()})
     logger.finish()
 
 

@@ -17,7 +17,7 @@ from conftest import CONF, REPO, run_module
 from safetensors.torch import load_file
 
 from posae.data.cache_reader import ActivationCache
-from posae.eval.core import core_metrics
+from posae.eval.held_out import held_out_pass
 from posae.sae import load_sae
 from posae.training.batches import BatchLoader, whole_sequences
 
@@ -44,7 +44,8 @@ def held_out_metrics(run_dir: Path) -> dict:
     ids = list(range(len(cache) - n_eval, len(cache)))
     import numpy as np
 
-    return core_metrics(sae, (loader.load(u) for u in whole_sequences(np.array(ids), 32)))
+    return held_out_pass(sae, (loader.load(u) for u in whole_sequences(np.array(ids), 32)),
+                         cache.context_size)["core"]
 
 
 @pytest.mark.slow

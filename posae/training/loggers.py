@@ -18,6 +18,9 @@ class NoLogger:
     def summary(self, metrics: dict) -> None:
         pass
 
+    def images(self, paths: dict) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -55,6 +58,12 @@ class WandbLogger:
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
+
+    def images(self, paths: dict) -> None:
+        """PNG files as W&B images under `plots/<name>`."""
+        if paths:
+            self.run.log({f"plots/{name}": self.wandb.Image(str(path))
+                          for name, path in paths.items()})
 
     def finish(self) -> None:
         self.run.finish()

@@ -1,0 +1,149 @@
+"""One pass over held-out sequences, float64 accumulators, for every cache-based metric
+(DESIGN.md, "Metric definitions"): core reconstruction and sparsity, the same as curves
+over positions, the feature × position activity table, adjacent-position stability, and
+the global/positional split of architectures that have one.
+
+    MSE = E‖x − x̂‖²,  EV = 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²),  cosine = E cos(x, x̂),
+    L2 ratio = E ‖x̂‖/‖x‖,  relative reconstruction bias = E‖x̂‖² / E[x·x̂],
+    L0 = E #{i: f_i ≠ 0},  L1 = E Σ|f_i|,  dead = never active,  dense = active on > 10 %,
+    Jaccard(t) = |A_t ∩ A_{t+1}| / |A_t ∪ A_{t+1}|,  code cosine(t) = cos(f_t, f_{t+1})
+    over pairs of counted, consecutive tokens of one sequence.
+
+Per-position EV uses the per-position mean: 1 − SSE_t / Σ_t ‖x − E_t x‖².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from posae.losses.temporal import valid_pairs
+from posae.sae.base import SAE
+from posae.training.batches import Batch
+
+DENSE_ABOVE = 0.1
+
+
+class HeldOutAccumulator:
+    """Sums over counted tokens; `results()` turns them into metrics."""
+
+    def __init__(self, d_in: int, d_sae: int, context_size: int):
+        L, f64 = context_size, dict(dtype=torch.float64)
+        self.sum_x = torch.zeros(d_in, **f64)
+        self.pos_tokens = torch.zeros(L, **f64)
+        self.pos_sum_x = torch.zeros(L, d_in, **f64)
+        self.pos = {name: torch.zeros(L, **f64) for name in
+                    ("sq_x", "sq_err", "l0", "l1", "cos", "l2_ratio", "sq_x_hat", "x_dot_x_hat")}
+        self.fires = torch.zeros(L, d_sae, **f64)       # firing counts per position
+        self.activation = torch.zeros(L, d_sae, **f64)  # Σ f per position
+        self.pairs = torch.zeros(L, **f64)              # pairs (t, t+1), indexed by t
+        self.jaccard = torch.zeros(L, **f64)
+        self.code_cos = torch.zeros(L, **f64)
+        self.split = torch.zeros(2, **f64)              # Σ|f| of the global, positional halves
+
+    @torch.no_grad()
+    def add(self, batch: Batch, x_hat: Tensor, f: Tensor, extras: dict) -> None:
+        mask, pos = batch.mask, batch.pos
+        x, x_hat, f = batch.x.double(), x_hat.double(), f.double()
+        flat_pos = pos[mask]
+        xs, xh, fs = x[mask], x_hat[mask], f[mask]
+        active = fs != 0
+        norm_x, norm_xh = xs.norm(dim=-1), xh.norm(dim=-1)
+        per_token = {
+            "sq_x": norm_x.pow(2), "sq_err": (xs - xh).pow(2).sum(-1),
+            "l0": active.sum(-1).double(), "l1": fs.abs().sum(-1),
+            "cos": torch.nn.functional.cosine_similarity(xs, xh, dim=-1),
+            "l2_ratio": norm_xh / norm_x.clamp_min(1e-12),
+            "sq_x_hat": norm_xh.pow(2), "x_dot_x_hat": (xs * xh).sum(-1),
+        }
+        for name, values in per_token.items():
+            self.pos[name].index_add_(0, flat_pos, values)
+        self.pos_tokens.index_add_(0, flat_pos, torch.ones_like(norm_x))
+        self.pos_sum_x.index_add_(0, flat_pos, xs)
+        self.sum_x += xs.sum(0)
+        self.fires.index_add_(0, flat_pos, active.double())
+        self.activation.index_add_(0, flat_pos, fs)
+        self._add_pairs(f, mask, pos)
+        if "global_codes" in extras:
+            self.split += torch.stack([extras["global_codes"][mask].double().abs().sum(),
+                                       extras["positional_codes"][mask].double().abs().sum()])
+
+    def _add_pairs(self, f: Tensor, mask: Tensor, pos: Tensor) -> None:
+        pairs = valid_pairs(mask, pos)
+        a, b = f[:, :-1][pairs], f[:, 1:][pairs]
+        t = pos[:, :-1][pairs]
+        on_a, on_b = a != 0, b != 0
+        union = (on_a | on_b).sum(-1).double()
+        inter = (on_a & on_b).sum(-1).double()
+        # two empty active sets are identical: Jaccard 1
+        jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        self.pairs.index_add_(0, t, torch.ones_like(union))
+        self.jaccard.index_add_(0, t, jaccard)
+        self.code_cos.index_add_(0, t, cos)
+
+    def results(self) -> dict:
+        """Scalars (over all counted tokens), per-position curves, and the arrays behind
+        the plots (`_arrays`: firing frequency per latent, per-position tables)."""
+        n = self.pos_tokens.sum().item()
+        if n == 0:
+            raise ValueError("no held-out tokens to evaluate")
+        total = {name: v.sum().item() for name, v in self.pos.items()}
+        variance = total["sq_x"] / n - (self.sum_x / n).pow(2).sum().item()
+        frequency = self.fires.sum(0) / n
+        n_pairs = self.pairs.sum().item()
+        core = {
+            "mse": total["sq_err"] / n,
+            "explained_variance": 1 - total["sq_err"] / n / variance,
+            "cosine_similarity": total["cos"] / n,
+            "l2_ratio": total["l2_ratio"] / n,
+            "relative_reconstruction_bias": total["sq_x_hat"] / total["x_dot_x_hat"]
+            if total["x_dot_x_hat"] else float("nan"),
+            "l0": total["l0"] / n,
+            "l1": total["l1"] / n,
+            "dead_fraction": (frequency == 0).double().mean().item(),
+            "dense_fraction": (frequency > DENSE_ABOVE).double().mean().item(),
+            "n_tokens": int(n),
+        }
+        temporal = {
+            "adjacent_jaccard": self.jaccard.sum().item() / max(n_pairs, 1),
+            "adjacent_code_cosine": self.code_cos.sum().item() / max(n_pairs, 1),
+            "n_pairs": int(n_pairs),
+        }
+        if self.split.sum() > 0:
+            temporal["positional_activation_share"] = (self.split[1] / self.split.sum()).item()
+        counted = self.pos_tokens > 0
+        t = counted.nonzero().squeeze(-1)
+        n_t = self.pos_tokens[t]
+        pos_var = self.pos["sq_x"][t] - self.pos_sum_x[t].pow(2).sum(-1) / n_t
+        with np.errstate(invalid="ignore"):
+            curves = {
+                "position": t.tolist(),
+                "n_tokens": n_t.tolist(),
+                "mse": (self.pos["sq_err"][t] / n_t).tolist(),
+                "explained_variance": (1 - self.pos["sq_err"][t] / pos_var.clamp_min(1e-12))
+                .tolist(),
+                "l0": (self.pos["l0"][t] / n_t).tolist(),
+                "adjacent_jaccard": (self.jaccard[t] / self.pairs[t].clamp_min(1)).tolist(),
+                "adjacent_code_cosine": (self.code_cos[t] / self.pairs[t].clamp_min(1)).tolist(),
+            }
+        arrays = {
+            "frequency": frequency.numpy(),
+            "positions": t.numpy(),
+            "firing_rate": (self.fires[t] / n_t[:, None]).numpy(),      # [T, d_sae]
+            "mean_activation": (self.activation[t] / n_t[:, None]).numpy(),
+        }
+        return {"core": core, "temporal": temporal, "by_position": curves, "_arrays": arrays}
+
+
+@torch.no_grad()
+def held_out_pass(sae: SAE, batches: Iterable[Batch], context_size: int) -> dict:
+    """Run the SAE over `batches` once and accumulate everything."""
+    acc = HeldOutAccumulator(sae.cfg.d_in, sae.cfg.d_sae, context_size)
+    for batch in batches:
+        out = sae(batch.x, batch.pos, batch.mask)
+        acc.add(batch, out.x_hat, out.f, out.extras)
+    return acc.results()

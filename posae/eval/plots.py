@@ -1,0 +1,117 @@
+"""The evaluation's figures, one function per PNG under `<run>/plots/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.cluster.hierarchy import dendrogram  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def feature_density(frequency: np.ndarray, path: Path, title: str) -> Path:
+    """Histogram of log10 firing frequency per latent; dead latents counted apart."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    alive = frequency[frequency > 0]
+    if alive.size:
+        ax.hist(np.log10(alive), bins=50, color="tab:blue")
+    ax.set_xlabel("log10 firing frequency (fraction of held-out tokens)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title}\n{(frequency == 0).sum()} dead of {frequency.size} latents")
+    ax.axvline(np.log10(0.1), color="grey", ls="--", lw=1, label="dense (10 %)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def position_curves(curves: dict, path: Path, title: str) -> Path:
+    """MSE, explained variance and L0 against token position."""
+    fig, axes = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    for ax, key, label in zip(axes, ("mse", "explained_variance", "l0"),
+                              ("MSE", "explained variance", "L0")):
+        ax.plot(curves["position"], curves[key], color="tab:blue")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("token position in sequence")
+    axes[0].set_title(title)
+    return _save(fig, path)
+
+
+def adjacent_stability(curves: dict, path: Path, title: str) -> Path:
+    """Jaccard of active sets and cosine of codes between positions t and t+1."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    t = curves["position"][:-1]
+    ax.plot(t, curves["adjacent_jaccard"][:-1], label="Jaccard of active sets")
+    ax.plot(t, curves["adjacent_code_cosine"][:-1], label="cosine of codes")
+    ax.set_xlabel("position t (pair t, t+1)")
+    ax.set_ylabel("similarity")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def feature_position_heatmap(firing_rate: np.ndarray, positions: np.ndarray, path: Path,
+                             title: str, max_latents: int = 256) -> Path:
+    """Firing rate of the most frequent latents (rows, sorted by peak position) over positions."""
+    frequency = firing_rate.mean(0)
+    top = np.argsort(-frequency)[:max_latents]
+    top = top[frequency[top] > 0]
+    rates = firing_rate[:, top].T
+    order = np.argsort(rates.argmax(1), kind="stable")
+    fig, ax = plt.subplots(figsize=(8, 6))
+    image = ax.imshow(rates[order], aspect="auto", cmap="viridis", interpolation="nearest",
+                      extent=(positions[0] - 0.5, positions[-1] + 0.5, len(top) - 0.5, -0.5))
+    fig.colorbar(image, ax=ax, label="firing rate")
+    ax.set_xlabel("token position")
+    ax.set_ylabel(f"latent (top {len(top)} by frequency, sorted by peak position)")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def specificity_histogram(spec: np.ndarray, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(spec[~np.isnan(spec)], bins=40, range=(0, 1), color="tab:purple")
+    ax.axvline(0.5, color="grey", ls="--", lw=1, label="specialised (≥ 0.5)")
+    ax.set_xlabel("position specificity 1 − H(p)/log T")
+    ax.set_ylabel("latents")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def profile_dendrogram(clusters: dict, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    dendrogram(clusters["linkage"], ax=ax, truncate_mode="lastp", p=40, no_labels=True,
+               color_threshold=None)
+    ax.set_xlabel(f"{clusters['n_latents']} latents (most frequent), leaves merged to 40")
+    ax.set_ylabel("correlation distance of position profiles")
+    ax.set_title(f"{title}\n{clusters['n_clusters']} clusters (best silhouette)")
+    return _save(fig, path)
+
+
+def sparse_probing_curve(results: dict, ks: list[int], path: Path, title: str) -> Path:
+    """Mean test accuracy of k-sparse probes on SAE latents against k, with references."""
+    mean = results["mean"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, [mean[f"sae_top_{k}_test_accuracy"] for k in ks], "o-", label="SAE top-k latents")
+    ax.axhline(mean["sae_test_accuracy"], color="tab:green", ls="--", label="SAE, all latents")
+    ax.axhline(mean["llm_test_accuracy"], color="black", ls=":", label="raw activations")
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (latents in the probe)")
+    ax.set_ylabel("test accuracy (mean over classes)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

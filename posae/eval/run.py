@@ -1,0 +1,208 @@
+"""Evaluate the SAE saved in a training run's folder: `metrics.json` and `plots/` beside it.
+
+The run's saved config names the cache, layer and model; its held-out sequences (the
+last `trainer.eval_fraction` of the cache, never trained on) feed the cache-based
+metrics and the model-preservation splice. Schema of metrics.json: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from posae.config import ConfigError, EvalConfig, cache_request, trainer_config
+from posae.data.cache_format import CacheSpec
+from posae.data.cache_reader import ActivationCache
+from posae.data.sequences import SpecialTokens
+from posae.eval import plots
+from posae.eval.held_out import held_out_pass
+from posae.eval.preservation import model_preservation
+from posae.eval.structure import (
+    position_decodability,
+    position_specificity,
+    profile_clusters,
+    specificity_summary,
+)
+from posae.models.lm import load_language_model, resolve_device
+from posae.sae import load_sae
+from posae.sae.base import SAE
+from posae.training.batches import BatchLoader, split_sequences, whole_sequences
+
+log = logging.getLogger("posae")
+
+SCHEMA_VERSION = 1
+RUN_CONFIG = "run_config.yaml"
+
+
+class RunInputs:
+    """What an evaluation reads from a run folder, checked before any compute."""
+
+    def __init__(self, run_dir: Path, device: torch.device):
+        self.run_dir = Path(run_dir)
+        for needed in (RUN_CONFIG, "sae/cfg.json"):
+            if not (self.run_dir / needed).exists():
+                raise ConfigError(f"run_dir: {self.run_dir} has no {needed}; pass the folder "
+                                  f"of a finished `python -m posae.train` run")
+        self.cfg = OmegaConf.load(self.run_dir / RUN_CONFIG)
+        self.req = cache_request(self.cfg, "layer")
+        self.layer = self.req.layers[0]
+        self.trainer = trainer_config(self.cfg.trainer, self.req.context_size)
+        self.device = device
+        self.sae: SAE = load_sae(self.run_dir / "sae", str(device))
+        self.cache = ActivationCache.open(CacheSpec.from_request(self.req), self.layer,
+                                          self.req.cache.verify)
+        _, self.eval_ids = split_sequences(len(self.cache), self.trainer.eval_fraction)
+
+    def held_out_batches(self, ids: np.ndarray, batch_sequences: int):
+        # saved SAEs have the training input scale folded in: they read raw activations
+        loader = BatchLoader(self.cache, self.req.context_size, 1.0,
+                             self.trainer.train_on_special_tokens, self.device)
+        return (loader.load(units) for units in whole_sequences(ids, batch_sequences))
+
+
+def _codes_for_probe(inputs: RunInputs, ids: np.ndarray, max_tokens: int, batch: int):
+    """Codes, raw activations, positions and sequence ids of up to `max_tokens` counted
+    held-out tokens, whole sequences at a time."""
+    codes, raw, positions, sequences, n = [], [], [], [], 0
+    for i, b in zip(range(0, len(ids), batch), inputs.held_out_batches(ids, batch)):
+        f = inputs.sae.encode(b.x, b.pos, b.mask)
+        rows = torch.as_tensor(ids[i : i + batch], device=b.x.device)[:, None].expand_as(b.pos)
+        codes.append(f[b.mask].cpu().numpy())
+        raw.append(b.x[b.mask].cpu().numpy())
+        positions.append(b.pos[b.mask].cpu().numpy())
+        sequences.append(rows[b.mask].cpu().numpy())
+        n += int(b.mask.sum())
+        if n >= max_tokens:
+            break
+    return (np.concatenate(codes), np.concatenate(raw), np.concatenate(positions),
+            np.concatenate(sequences))
+
+
+def _preservation_sequences(inputs: RunInputs, ids: np.ndarray, batch: int):
+    special = torch.tensor(inputs.cache.special_token_ids)
+    for start in range(0, len(ids), batch):
+        seqs = inputs.cache.sequences(ids[start : start + batch])
+        tokens, attention = torch.as_tensor(seqs.tokens).long(), torch.as_tensor(seqs.mask)
+        yield tokens, attention, attention & ~torch.isin(tokens, special)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
+    """Evaluate `run_dir/sae`; write `metrics.json` and `plots/`; log a summary."""
+    device = resolve_device(cfg.device)
+    inputs = RunInputs(run_dir, device)
+    sae, name = inputs.sae, inputs.sae.cfg.name
+    ids = inputs.eval_ids[: cfg.max_sequences] if cfg.max_sequences else inputs.eval_ids
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    result = held_out_pass(sae, inputs.held_out_batches(ids, cfg.batch_sequences),
+                           inputs.req.context_size)
+    timings["held_out"] = time.perf_counter() - start
+    arrays = result.pop("_arrays")
+    metrics = {"schema_version": SCHEMA_VERSION, "run_dir": str(inputs.run_dir),
+               "sae": {"name": name, "architecture": sae.cfg.arch, "d_in": sae.cfg.d_in,
+                       "d_sae": sae.cfg.d_sae},
+               "model": inputs.req.model.name, "layer": inputs.layer,
+               "held_out_sequences": int(len(ids)), **result}
+    figures = {}
+    plot_dir = inputs.run_dir / "plots"
+    title = f"{name} · {inputs.req.model.name} layer {inputs.layer}"
+    if cfg.plots:
+        plot_dir.mkdir(exist_ok=True)
+        figures["feature_density"] = plots.feature_density(
+            arrays["frequency"], plot_dir / "feature_density.png", title)
+        figures["position_curves"] = plots.position_curves(
+            result["by_position"], plot_dir / "position_curves.png", title)
+        figures["adjacent_stability"] = plots.adjacent_stability(
+            result["by_position"], plot_dir / "adjacent_stability.png", title)
+        figures["feature_position_heatmap"] = plots.feature_position_heatmap(
+            arrays["firing_rate"], arrays["positions"], plot_dir / "feature_position.png", title)
+
+    if "structure" in cfg.families:
+        start = time.perf_counter()
+        spec = position_specificity(arrays["mean_activation"])
+        clusters = profile_clusters(arrays["mean_activation"], arrays["frequency"],
+                                    cfg.cluster_latents, cfg.max_clusters)
+        codes, raw, positions, sequences = _codes_for_probe(
+            inputs, ids, cfg.position_probe_tokens, cfg.batch_sequences)
+        metrics["structure"] = {
+            **specificity_summary(spec),
+            "position_profile_clusters": clusters["n_clusters"],
+            "position_decodability": position_decodability(
+                codes, raw, positions, sequences, inputs.req.context_size,
+                cfg.position_buckets),
+        }
+        if cfg.plots:
+            figures["position_specificity"] = plots.specificity_histogram(
+                spec, plot_dir / "position_specificity.png", title)
+            if clusters["linkage"] is not None:
+                figures["position_profile_dendrogram"] = plots.profile_dendrogram(
+                    clusters, plot_dir / "position_profile_dendrogram.png", title)
+        timings["structure"] = time.perf_counter() - start
+
+    needs_lm = {"preservation", "probing", "absorption"} & set(cfg.families)
+    if needs_lm:
+        lm = load_language_model(inputs.req.model, device)
+        special = SpecialTokens.for_tokenizer(lm.tokenizer, inputs.req.model.prepend_bos)
+    if "preservation" in cfg.families:
+        start = time.perf_counter()
+        metrics["preservation"] = model_preservation(
+            sae, lm, inputs.layer, _preservation_sequences(
+                inputs, ids[: cfg.preservation_sequences], cfg.batch_sequences))
+        timings["preservation"] = time.perf_counter() - start
+    if "probing" in cfg.families:
+        from posae.eval.probing_run import run_probing_tasks
+
+        start = time.perf_counter()
+        metrics["sparse_probing"] = run_probing_tasks(
+            sae, lm, special, inputs.layer, inputs.req.context_size, cfg,
+            plot_dir if cfg.plots else None, title, figures)
+        timings["sparse_probing"] = time.perf_counter() - start
+    if "absorption" in cfg.families:
+        from posae.eval.absorption import AbsorptionConfig, absorption
+
+        start = time.perf_counter()
+        metrics["absorption"] = absorption(sae, lm, special, inputs.layer,
+                                           inputs.req.context_size,
+                                           AbsorptionConfig(**cfg.absorption))
+        timings["absorption"] = time.perf_counter() - start
+    metrics["seconds"] = timings
+    metrics["plots"] = sorted(str(p.relative_to(inputs.run_dir)) for p in figures.values())
+    metrics = _json_safe(metrics)
+    tmp = inputs.run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1))
+    tmp.replace(inputs.run_dir / "metrics.json")
+    if logger is not None:
+        logger.summary(flat_scalars(metrics))
+        logger.images(figures)
+    return metrics
+
+
+def flat_scalars(metrics: dict, prefix: str = "eval") -> dict[str, float]:
+    """Every scalar of the metrics as `eval/<section>/<name>` (curves and lists left out)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flat_scalars(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out

@@ -1,0 +1,40 @@
+"""`python -m posae.evaluate run_dir=...`: evaluate a trained SAE (metrics.json + plots/).
+
+    python -m posae.evaluate run_dir=outputs/runs/2026-11-22/10-00-00_minilm_L3_topk
+    python -m posae.evaluate run_dir=... eval.families=[structure,preservation] logger=wandb
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from posae.cli import CONFIG_PATH, exit_on_user_error, log
+from posae.config import eval_config
+from posae.eval.run import evaluate_run
+from posae.training.loggers import make_logger
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    ecfg = eval_config(cfg.eval)
+    run_dir = Path(cfg.run_dir)
+    summary = run_dir / "train_summary.json"
+    run_id = json.loads(summary.read_text()).get("wandb_run_id") if summary.exists() else None
+    logger = make_logger(cfg, run_dir, run_dir.name, None, run_id, True)
+    try:
+        metrics = evaluate_run(run_dir, ecfg, logger)
+    finally:
+        logger.finish()
+    core = metrics["core"]
+    log.info("%s: explained variance %.4f, L0 %.1f, dead %.3f; metrics.json and %d plots in %s",
+             metrics["sae"]["name"], core["explained_variance"], core["l0"],
+             core["dead_fraction"], len(metrics["plots"]), run_dir)
+
+
+if __name__ == "__main__":
+    main()
