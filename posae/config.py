@@ -8,6 +8,7 @@ with a message naming the key instead of deep inside a run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -68,6 +69,8 @@ class CacheConfig:
 
 
 T = TypeVar("T")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def typed(node: Any, schema: type[T], key: str) -> T:
@@ -249,10 +252,28 @@ class EvalConfig:
     plots: bool = True
 
 
+def probing_task_file(name: str) -> Path:
+    """conf/probing/<name>.yaml, or an error naming the key and the tasks there are."""
+    path = CONF_DIR / "probing" / f"{name}.yaml"
+    if not path.exists():
+        have = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"eval.probing_tasks: no task {name!r} in conf/probing/ (have: {have})")
+    return path
+
+
 def eval_config(node: Any) -> EvalConfig:
+    """Typed evaluation settings, every part checked (task files, probing and absorption
+    settings) so that a bad key fails before training or evaluation starts."""
+    from posae.eval.absorption import AbsorptionConfig
+    from posae.eval.sparse_probing import probing_config
+
     cfg = typed(node, EvalConfig, "eval")
     for family in cfg.families:
         _choice(family, EVAL_FAMILIES, "eval.families")
+    for name in cfg.probing_tasks:
+        probing_task_file(name)
+    probing_config(cfg.probing)
+    typed(OmegaConf.create(cfg.absorption), AbsorptionConfig, "eval.absorption")
     for key in ("batch_sequences", "preservation_sequences", "position_buckets",
                 "position_probe_tokens", "cluster_latents", "max_clusters"):
         positive_int(getattr(cfg, key), f"eval.{key}")

@@ -8,7 +8,8 @@ import pytest
 from conftest import run_module
 
 SMALL = ["context_size=32", "n_tokens=2048", "cache.shard_sequences=16", "cache.device=cpu"]
-TRAIN = ["trainer.n_tokens=2048", "trainer.batch_tokens=512", "trainer.cpu=true"]
+TRAIN = ["trainer.n_tokens=2048", "trainer.batch_tokens=512", "trainer.cpu=true",
+         "eval.enabled=false"]
 
 
 @pytest.mark.slow
@@ -33,3 +34,41 @@ def test_cache_entry_point_writes_every_requested_layer_in_one_pass(tmp_path):
     assert result.returncode == 0, result.output
     assert result.output.count("loading minilm") == 1
     assert {p.parent.name for p in tmp_path.rglob("manifest.json")} == {"layer00", "layer05"}
+
+
+EVAL_SMALL = ["eval.enabled=true", "eval.probing.n_train=160", "eval.probing.n_test=40",
+              "eval.absorption.max_words=400", "eval.preservation_sequences=4"]
+
+
+@pytest.mark.slow
+def test_training_evaluates_at_its_end_and_evaluate_reruns_it(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *TRAIN, "layer=2", "variant=topk", f"cache.root={tmp_path / 'cache'}"]
+    result = run_module("posae.train", *args, *EVAL_SMALL, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"core", "by_position", "temporal", "structure", "preservation", "sparse_probing",
+            "absorption"} <= set(metrics)
+    assert metrics["core"]["l0"] == pytest.approx(32)
+    assert metrics["preservation"]["kind"] == "encoder"
+    assert metrics["by_position"]["position"] == list(range(1, 31))  # not [CLS], [SEP]
+    pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+    assert len(pngs) >= 4 and pngs == sorted(p.split("/")[-1] for p in metrics["plots"])
+    # standalone, one family, same numbers for what both compute
+    (run_dir / "metrics.json").unlink()
+    again = run_module("posae.evaluate", f"run_dir={run_dir}", "eval.families=[structure]")
+    assert again.returncode == 0, again.output
+    rerun = json.loads((run_dir / "metrics.json").read_text())
+    assert rerun["core"] == metrics["core"] and "preservation" not in rerun
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_bad_input_before_any_compute(tmp_path):
+    missing = run_module("posae.evaluate", f"run_dir={tmp_path}")
+    assert missing.returncode == 2 and "run_config.yaml" in missing.output
+    bad_task = run_module("posae.evaluate", f"run_dir={tmp_path}", "eval.probing_tasks=[nope]")
+    assert bad_task.returncode == 2 and "eval.probing_tasks: no task 'nope'" in bad_task.output
+    bad_train = run_module("posae.train", *SMALL, *TRAIN, "eval.families=[vibes]",
+                           f"cache.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert bad_train.returncode == 2 and "eval.families" in bad_train.output
+    assert not (tmp_path / "cache").exists()

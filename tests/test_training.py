@@ -25,7 +25,8 @@ VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
 # 200 sequences of 32 tokens; 20 steps of 512 tokens (16 windows).
 TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
         "trainer.batch_tokens=512", "trainer.n_tokens=10240", "trainer.cpu=true",
-        "variant.expansion_factor=2", "optim.warmup_steps=5", "layer=2"]
+        "variant.expansion_factor=2", "optim.warmup_steps=5", "layer=2",
+        "eval.enabled=false"]
 
 
 @pytest.fixture(scope="module")

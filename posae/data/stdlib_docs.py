@@ -12,7 +12,7 @@ import os
 import sys
 import sysconfig
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -36,9 +36,27 @@ def stdlib_files(root: Path) -> list[Path]:
     return files
 
 
-def iter_stdlib_docstrings(root: Path | None = None) -> Iterator[str]:
-    """Yield every non-empty docstring, cleaned by `ast.get_docstring`."""
-    for path in stdlib_files(root or stdlib_root()):
+def module_name(path: Path, root: Path) -> str:
+    """Dotted module name of a stdlib file: email/mime/text.py -> email.mime.text,
+    email/__init__.py -> email, os.py -> os."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def iter_stdlib_module_docstrings(
+    root: Path | None = None, packages: Collection[str] | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield (dotted module name, docstring) for every non-empty docstring, in the order of
+    `iter_stdlib_docstrings`; the module is the file the docstring is in (for sparse
+    probing's `stdlib_packages` task, whose label is its first component). With
+    `packages`, only files of those top-level packages/modules are read."""
+    root = root or stdlib_root()
+    for path in stdlib_files(root):
+        module = module_name(path, root)
+        if packages is not None and module.split(".")[0] not in packages:
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # invalid escapes in old modules
             try:
@@ -49,4 +67,10 @@ def iter_stdlib_docstrings(root: Path | None = None) -> Iterator[str]:
             if isinstance(node, DOCUMENTED):
                 doc = ast.get_docstring(node)
                 if doc and doc.strip():
-                    yield doc
+                    yield module, doc
+
+
+def iter_stdlib_docstrings(root: Path | None = None) -> Iterator[str]:
+    """Yield every non-empty docstring, cleaned by `ast.get_docstring`."""
+    for _, doc in iter_stdlib_module_docstrings(root):
+        yield doc

@@ -17,13 +17,26 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from posae.config import ConfigError, EvalConfig, cache_request, trainer_config
+from posae.config import (
+    ConfigError,
+    EvalConfig,
+    cache_request,
+    probing_task_file,
+    trainer_config,
+)
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.sequences import SpecialTokens
 from posae.eval import plots
+from posae.eval.absorption import AbsorptionConfig, absorption
 from posae.eval.held_out import held_out_pass
 from posae.eval.preservation import model_preservation
+from posae.eval.sparse_probing import (
+    load_probing_task,
+    probing_config,
+    sparse_probing,
+    task_config,
+)
 from posae.eval.structure import (
     position_decodability,
     position_specificity,
@@ -147,6 +160,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
         metrics["structure"] = {
             **specificity_summary(spec),
             "position_profile_clusters": clusters["n_clusters"],
+            "position_profile_silhouette": clusters.get("silhouette"),
             "position_decodability": position_decodability(
                 codes, raw, positions, sequences, inputs.req.context_size,
                 cfg.position_buckets),
@@ -170,16 +184,19 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
                 inputs, ids[: cfg.preservation_sequences], cfg.batch_sequences))
         timings["preservation"] = time.perf_counter() - start
     if "probing" in cfg.families:
-        from posae.eval.probing_run import run_probing_tasks
-
         start = time.perf_counter()
-        metrics["sparse_probing"] = run_probing_tasks(
-            sae, lm, special, inputs.layer, inputs.req.context_size, cfg,
-            plot_dir if cfg.plots else None, title, figures)
+        settings = probing_config({**cfg.probing, "context_size": inputs.req.context_size})
+        metrics["sparse_probing"] = {}
+        for task_name in cfg.probing_tasks:
+            task = load_probing_task(task_config(OmegaConf.load(probing_task_file(task_name))))
+            result = sparse_probing(sae, lm, special, inputs.layer, task, settings)
+            metrics["sparse_probing"][task_name] = result
+            if cfg.plots:
+                figures[f"sparse_probing_{task_name}"] = plots.sparse_probing_curve(
+                    result, result["settings"]["ks"],
+                    plot_dir / f"sparse_probing_{task_name}.png", f"{title} · {task_name}")
         timings["sparse_probing"] = time.perf_counter() - start
     if "absorption" in cfg.families:
-        from posae.eval.absorption import AbsorptionConfig, absorption
-
         start = time.perf_counter()
         metrics["absorption"] = absorption(sae, lm, special, inputs.layer,
                                            inputs.req.context_size,
