@@ -60,7 +60,8 @@ class SpecialTokens:
 def _token_lists(docs: Iterable[str], tokenizer) -> Iterator[list[int]]:
     docs = iter(docs)
     while batch := list(islice(docs, TOKENIZE_BATCH)):
-        yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+        # whole documents, truncated later: silence the "longer than the maximum" warning
+        yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _packed(docs, tokenizer, special: SpecialTokens, context_size: int):
