@@ -64,7 +64,8 @@ def tokens_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(["relu"] + [v for v in VARIANTS
                                                                     if v != "relu"]))
     args = parser.parse_args()
@@ -75,22 +76,28 @@ def main() -> None:
         cache = ActivationCache.open(CacheSpec.from_request(req), req.layers[0])
         train_ids, _ = split_sequences(len(cache), 0.05)
         accelerator = Accelerator(cpu=True)
-        results, params = {}, {}
+        trainers = {}
         for name in args.variants.split(","):
             cfg = compose_config(overrides=[*base, f"variant={name}",
                                             *STEADY_STATE.get(name, [])])
             sae_cfg = sae_config(cfg.variant, cache.d_model)
             torch.manual_seed(0)
-            trainer = Trainer(build_sae(sae_cfg), build_loss_terms(cfg.loss),
-                              optim_config(cfg.optim), trainer_config(cfg.trainer, 128), cache,
-                              train_ids, 0, accelerator, Path(root), NoLogger())
-            results[name] = tokens_per_second(trainer, args.steps)
-            params[name] = sum(p.numel() for p in trainer.sae.parameters())
+            trainers[name] = Trainer(build_sae(sae_cfg), build_loss_terms(cfg.loss),
+                                     optim_config(cfg.optim), trainer_config(cfg.trainer, 128),
+                                     cache, train_ids, 0, accelerator, Path(root), NoLogger())
+        # rounds over all variants, best of each: machine noise hits every variant alike
+        results = {name: 0.0 for name in trainers}
+        for _ in range(args.rounds):
+            for name, trainer in trainers.items():
+                results[name] = max(results[name], tokens_per_second(trainer, args.steps))
+        params = {name: sum(p.numel() for p in t.sae.parameters())
+                  for name, t in trainers.items()}
+        sae_cfg = trainers[next(iter(trainers))].sae.cfg
         d, m, batch = cache.d_model, sae_cfg.d_sae, trainer.cfg.batch_tokens
         flops = matmul_flops(batch, d, m)
     roofline = flops / (5 * 2 * d * m)
-    print(f"MiniLM layer 3: d={d}, width {m}, batch {batch} tokens, {args.steps} timed steps, "
-          f"{torch.get_num_threads()} torch threads")
+    print(f"MiniLM layer 3: d={d}, width {m}, batch {batch} tokens, best of {args.rounds} "
+          f"rounds of {args.steps} timed steps, {torch.get_num_threads()} torch threads")
     print(f"fp32 matmul [{batch},{d}]x[{d},{m}]: {flops / 1e9:.1f} GFLOP/s -> ReLU-family "
           f"roofline {roofline:,.0f} tok/s")
     relu_tps, relu_params = results.get("relu"), params.get("relu")
