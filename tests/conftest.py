@@ -54,3 +54,20 @@ def minilm():
     import torch
 
     return load_language_model(model_config(compose_config().model), torch.device("cpu"))
+
+
+def identity_sae(d: int):
+    """A ReLU SAE with W_enc = [I, -I], W_dec = [I; -I], zero biases: its codes are
+    [ReLU(x), ReLU(-x)], which hold x exactly, and x̂ = ReLU(x) - ReLU(-x) = x."""
+    import torch
+
+    from posae.sae import REGISTRY, build_sae
+
+    sae = build_sae(REGISTRY["relu"].config_class(name="relu", d_in=d, width=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()

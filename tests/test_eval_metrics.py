@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import identity_sae
 from test_hooks import build as build_tiny_lm
 
 from posae.eval.held_out import held_out_pass
@@ -19,18 +20,6 @@ from posae.eval.structure import (
 )
 from posae.sae import REGISTRY, build_sae
 from posae.training.batches import Batch
-
-
-def identity_sae(d: int):
-    """A ReLU SAE with W_enc = [I, -I], W_dec = [I; -I]: x̂ = ReLU(x) - ReLU(-x) = x exactly."""
-    sae = build_sae(REGISTRY["relu"].config_class(name="relu", d_in=d, width=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
 
 
 def zero_sae(d: int):

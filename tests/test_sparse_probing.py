@@ -11,7 +11,7 @@ from email.message import Message
 import numpy as np
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, identity_sae
 from omegaconf import OmegaConf
 
 from posae.config import ConfigError
@@ -205,18 +205,6 @@ def test_top_k_is_chosen_on_the_training_split_only():
 
 
 # --- pooling and the whole protocol ------------------------------------------------------
-
-
-def identity_sae(d: int):
-    """ReLU SAE whose codes are [relu(x), relu(-x)]: they hold x exactly."""
-    sae = build_sae(REGISTRY["relu"].config_class(name="relu", d_in=d, width=2 * d))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 def test_trimmed_padding_pools_like_the_full_context(minilm, special, stdlib_task):
