@@ -94,7 +94,11 @@ def test_specificity_is_one_minus_normalised_entropy():
     one_position[40] = 2.0
     assert position_specificity(one_position)[0] == pytest.approx(1.0)
     summary = specificity_summary(spec)
-    assert summary["position_specialised_fraction"] == 0.5 and summary["n_alive_latents"] == 2
+    assert summary["position_specialised_fraction"] == 0.5 and summary["n_scored_latents"] == 2
+    # a latent seen on fewer than MIN_FIRES tokens is not scored: one firing looks specific
+    rare = position_specificity(one_position, fires=np.array([3]))
+    assert np.isnan(rare[0])
+    assert position_specificity(one_position, fires=np.array([50]))[0] == pytest.approx(1.0)
 
 
 def test_profile_clusters_find_planted_groups():

@@ -152,7 +152,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
 
     if "structure" in cfg.families:
         start = time.perf_counter()
-        spec = position_specificity(arrays["mean_activation"])
+        spec = position_specificity(arrays["mean_activation"],
+                                    arrays["frequency"] * result["core"]["n_tokens"])
         clusters = profile_clusters(arrays["mean_activation"], arrays["frequency"],
                                     cfg.cluster_latents, cfg.max_clusters)
         codes, raw, positions, sequences = _codes_for_probe(

@@ -4,7 +4,9 @@
   activation at position t normalised over the T positions. 0 for a latent equally
   active everywhere; 1 for one active at a single position; a latent spread evenly over
   w positions scores 1 − log w / log T. Specialised: specificity ≥ 0.5, i.e. an
-  effective number of positions exp(H) ≤ √T.
+  effective number of positions exp(H) ≤ √T. Only latents that fired on at least
+  `MIN_FIRES` held-out tokens are scored: a latent seen a handful of times looks
+  position-specific by chance alone (one firing gives specificity 1).
 - Clusters of position profiles (001, figure 1): average-linkage hierarchical clustering
   of the profiles p_i of the most active latents under correlation distance; the number
   of clusters is the cut with the best silhouette among 2..max_clusters.
@@ -26,10 +28,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 SPECIALISED_ABOVE = 0.5
+MIN_FIRES = 20
 
 
-def position_specificity(mean_activation: np.ndarray) -> np.ndarray:
-    """[T, d_sae] mean activation per position → [d_sae] specificity (NaN: never active)."""
+def position_specificity(mean_activation: np.ndarray, fires: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """[T, d_sae] mean activation per position → [d_sae] specificity; NaN for latents never
+    active or, when `fires` (firing counts [d_sae]) is given, active on < MIN_FIRES tokens."""
     profile = np.abs(mean_activation).T  # [d_sae, T]
     total = profile.sum(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -37,6 +42,8 @@ def position_specificity(mean_activation: np.ndarray) -> np.ndarray:
         entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
     spec = 1 - entropy / np.log(profile.shape[1])
     spec[total[:, 0] == 0] = np.nan
+    if fires is not None:
+        spec[fires < MIN_FIRES] = np.nan
     return spec
 
 
@@ -46,7 +53,7 @@ def specificity_summary(spec: np.ndarray) -> dict:
         "mean_position_specificity": float(alive.mean()) if alive.size else float("nan"),
         "position_specialised_fraction": float((alive >= SPECIALISED_ABOVE).mean())
         if alive.size else float("nan"),
-        "n_alive_latents": int(alive.size),
+        "n_scored_latents": int(alive.size),
     }
 
 
