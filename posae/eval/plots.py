@@ -115,3 +115,33 @@ def sparse_probing_curve(results: dict, ks: list[int], path: Path, title: str) -
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def runs_comparison(header: list[str], body: list[list], path: Path) -> Path:
+    """One bar chart per numeric column of a sweep's report, runs along x."""
+    columns = [i for i, name in enumerate(header) if i >= 2]
+    runs = [row[0] for row in body]
+    fig, axes = plt.subplots(len(columns), 1, figsize=(max(6, 0.9 * len(runs) + 2),
+                                                       1.8 * len(columns)), sharex=True)
+    for ax, i in zip(np.atleast_1d(axes), columns):
+        values = [np.nan if row[i] is None else row[i] for row in body]
+        ax.bar(range(len(runs)), values, color="tab:blue")
+        ax.set_ylabel(header[i], rotation=0, ha="right", va="center")
+        ax.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[-1].set_xticks(range(len(runs)), runs, rotation=30, ha="right")
+    return _save(fig, path)
+
+
+def position_curves_of_runs(curves: dict[str, dict], path: Path) -> Path:
+    """Explained variance, L0 and adjacent Jaccard over positions, every run on one figure."""
+    keys = [("explained_variance", "explained variance"), ("l0", "L0"),
+            ("adjacent_jaccard", "adjacent Jaccard")]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 7), sharex=True)
+    for ax, (key, label) in zip(axes, keys):
+        for run, c in curves.items():
+            ax.plot(c["position"], c[key], label=run, lw=1.2)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+    axes[-1].set_xlabel("token position in sequence")
+    return _save(fig, path)
