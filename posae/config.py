@@ -23,6 +23,15 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key."""
 
 
+def paper_steps(steps: int, *, _root_: DictConfig) -> int:
+    """`${paper_steps:1000}`: a step count the papers give (warmups, curriculum, resampling),
+    divided by `scale.step_divisor` so that it plays out within a shorter run (conf/scale/)."""
+    return round(int(steps) / positive_int(_root_.scale.step_divisor, "scale.step_divisor"))
+
+
+OmegaConf.register_new_resolver("paper_steps", paper_steps, replace=True)
+
+
 @dataclass
 class ModelConfig:
     """A language model whose residual stream is cached (conf/model/)."""
