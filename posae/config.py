@@ -14,8 +14,8 @@ from typing import Any, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MODEL_KINDS = ("encoder", "causal")
-DATASET_SOURCES = ("stdlib_docs", "text_files", "hf")
+MODEL_KINDS = ("encoder", "causal", "synthetic")
+DATASET_SOURCES = ("stdlib_docs", "text_files", "hf", "synthetic")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -51,8 +51,29 @@ class ModelConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Planted-feature activations (posae/data/synthetic.py; conf/dataset/synthetic.yaml)."""
+
+    d: int = 64
+    seed: int = 0
+    n_invariant: int = 64
+    invariant_rate: float = 0.02
+    n_position_specific: int = 32
+    specific_rate: float = 0.2
+    range_length: int = 16
+    n_persistent: int = 32
+    on_rate: float = 0.01
+    mean_run: float = 8.0
+    magnitude_sigma: float = 0.5
+    correlated_pairs: int = 0
+    correlation: float = 0.5
+    position_code_scale: float = 1.0
+    noise_std: float = 0.05
+
+
+@dataclass
 class DatasetConfig:
-    """A text source (conf/dataset/)."""
+    """A text source, or planted-feature activations (conf/dataset/)."""
 
     name: str
     source: str
@@ -63,6 +84,8 @@ class DatasetConfig:
     text_field: str = "text"
     # source=text_files
     paths: Optional[list[str]] = None
+    # source=synthetic
+    synthetic: Optional[SyntheticConfig] = None
 
 
 @dataclass
@@ -117,6 +140,8 @@ def dataset_config(node: Any) -> DatasetConfig:
         raise ConfigError("dataset.path: a Hugging Face dataset id is required for source=hf")
     if cfg.source == "text_files" and not cfg.paths:
         raise ConfigError("dataset.paths: give at least one file or glob for source=text_files")
+    if (cfg.source == "synthetic") != (cfg.synthetic is not None):
+        raise ConfigError("dataset.synthetic: set exactly when dataset.source=synthetic")
     return cfg
 
 
@@ -172,6 +197,25 @@ class CacheRequest:
     layers: list[int] = field(default_factory=list)
 
 
+def synthetic_checks(cfg: SyntheticConfig, model: ModelConfig, context_size: int) -> None:
+    key = "dataset.synthetic"
+    if cfg.d != model.d_model:
+        raise ConfigError(f"model.d_model: {model.d_model} differs from {key}.d={cfg.d}")
+    if cfg.n_invariant + cfg.n_position_specific + cfg.n_persistent < 1:
+        raise ConfigError(f"{key}: plant at least one feature")
+    if not 1 <= cfg.range_length <= context_size:
+        raise ConfigError(f"{key}.range_length: {cfg.range_length} must lie in "
+                          f"1..context_size={context_size}")
+    if 2 * cfg.correlated_pairs > cfg.n_invariant:
+        raise ConfigError(f"{key}.correlated_pairs: needs 2 x {cfg.correlated_pairs} <= "
+                          f"n_invariant={cfg.n_invariant}")
+    if cfg.mean_run < 1:
+        raise ConfigError(f"{key}.mean_run: must be at least 1, got {cfg.mean_run}")
+    for name in ("invariant_rate", "specific_rate", "on_rate", "correlation"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"{key}.{name}: a probability, got {getattr(cfg, name)}")
+
+
 def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
     """Validate the parts of a composed config that the cache needs.
 
@@ -182,9 +226,15 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
     context_size = positive_int(cfg.context_size, "context_size")
     if context_size < 4:
         raise ConfigError(f"context_size: must be at least 4, got {context_size}")
+    dataset = dataset_config(cfg.dataset)
+    if (dataset.source == "synthetic") != (model.kind == "synthetic"):
+        raise ConfigError(f"model: {model.name!r} cannot read dataset {dataset.name!r}: planted "
+                          f"activations go with model=synthetic (dataset=synthetic selects it)")
+    if dataset.synthetic is not None:
+        synthetic_checks(dataset.synthetic, model, context_size)
     return CacheRequest(
         model=model,
-        dataset=dataset_config(cfg.dataset),
+        dataset=dataset,
         cache=cache_config(cfg.cache),
         context_size=context_size,
         n_tokens=positive_int(cfg.n_tokens, "n_tokens"),

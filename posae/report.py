@@ -1,9 +1,11 @@
-"""`python -m posae.report <multirun dir>`: one table (markdown + CSV) and comparison plots
-of a sweep's runs, from each run's metrics.json; works on a partly finished sweep and says
-which runs are missing.
+"""`python -m posae.report <multirun dir>`: a sweep's runs side by side, from each run's
+metrics.json: the paper's own metrics with its claimed figures beside ours (from the
+experiment file's `paper:` block), the standard metrics of every run, a CSV, comparison
+plots, and a W&B summary table when the sweep logged to W&B. Works on a partly finished
+sweep and says which runs are missing.
 
     python -m posae.train -m +experiment=tc_sae_runs
-    python -m posae.report outputs/sweeps/tc_sae_runs/<date>
+    python -m posae.report outputs/sweeps/tc_sae_runs/<scale>_<date>
 """
 
 from __future__ import annotations
@@ -15,18 +17,44 @@ import sys
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
+import posae.config  # noqa: F401  (registers ${paper_steps:N}, used in a sweep's config)
 from posae.eval import plots
 
-# (column, section, key): the scalars every report shows, in metrics.json's names
-COLUMNS = [
-    ("EV", "core", "explained_variance"), ("MSE", "core", "mse"), ("L0", "core", "l0"),
-    ("dead", "core", "dead_fraction"), ("cosine", "core", "cosine_similarity"),
-    ("adjacent Jaccard", "temporal", "adjacent_jaccard"),
-    ("adjacent code cosine", "temporal", "adjacent_code_cosine"),
-    ("mean specificity", "structure", "mean_position_specificity"),
+# (label, metrics.json path): the scalars every report shows
+STANDARD = [
+    ("EV", "core.explained_variance"), ("MSE", "core.mse"), ("L0", "core.l0"),
+    ("dead", "core.dead_fraction"), ("cosine", "core.cosine_similarity"),
+    ("adjacent Jaccard", "temporal.adjacent_jaccard"),
+    ("adjacent code cosine", "temporal.adjacent_code_cosine"),
+    ("mean specificity", "structure.mean_position_specificity"),
+    ("position probe", "structure.position_decodability.codes_accuracy"),
+    ("train s", "training.seconds"),
 ]
-PRESERVATION = {"causal_lm": ["kl_score", "ce_score"], "encoder": ["embedding_score"]}
+PRESERVATION = {"causal_lm": ["preservation.kl_score", "preservation.ce_score"],
+                "encoder": ["preservation.embedding_score"]}
+
+
+def metric(metrics: dict, path: str):
+    """A value of metrics.json by dotted path; a `*` step averages over that level's
+    entries (e.g. `sparse_probing.*.mean.sae_top_1_test_accuracy`: the mean over tasks)."""
+    head, _, rest = path.partition(".")
+    if head == "*":
+        values = [metric(v, rest) for v in metrics.values() if isinstance(v, dict)]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+    value = metrics.get(head) if isinstance(metrics, dict) else None
+    return value if not rest or value is None else metric(value, rest)
+
+
+def first_metric(metrics: dict, paths: list[str]):
+    """The first of `paths` that the run has (e.g. KL score on an LM, embedding score on
+    the embedded encoder)."""
+    for path in paths:
+        if (value := metric(metrics, path)) is not None:
+            return value
+    return None
 
 
 def run_label(job: Path) -> str:
@@ -36,68 +64,141 @@ def run_label(job: Path) -> str:
     return ",".join(swept) or ",".join(overrides) or job.name
 
 
-def expected_runs(sweep: Path) -> list[str]:
-    """The run names the sweep asked for (from Hydra's multirun.yaml), in order."""
-    config = yaml.safe_load((sweep / "multirun.yaml").read_text())
-    params = config["hydra"]["sweeper"]["params"] or {}
+def sweep_config(sweep: Path) -> dict:
+    if not (sweep / "multirun.yaml").exists():
+        raise SystemExit(f"{sweep} is not a Hydra multirun folder (no multirun.yaml)")
+    return yaml.safe_load((sweep / "multirun.yaml").read_text())
+
+
+def expected_runs(config: dict) -> list[str]:
+    """The run names the sweep asked for, in order: a `+<paper>_run=a,b` override on the
+    command line, else the experiment's sweeper parameter."""
+    given = dict(o.split("=", 1) for o in config["hydra"]["overrides"]["task"] if "=" in o)
+    params = {**(config["hydra"]["sweeper"]["params"] or {}), **given}
     return [v.strip() for k, vs in params.items() if k.lstrip("+").endswith("_run")
             for v in str(vs).split(",")]
 
 
-def collect(sweep: Path) -> tuple[list[dict], list[str]]:
+def run_metrics(job: Path) -> dict:
+    """metrics.json, plus the training wall time from train_summary.json as `training.seconds`."""
+    metrics = json.loads((job / "metrics.json").read_text())
+    summary = job / "train_summary.json"
+    if summary.exists():
+        metrics["training"] = {"seconds": json.loads(summary.read_text()).get("train_seconds")}
+    return metrics
+
+
+def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
     """Rows of finished runs (label + metrics) and the names of runs without metrics."""
-    if not (sweep / "multirun.yaml").exists():
-        raise SystemExit(f"{sweep} is not a Hydra multirun folder (no multirun.yaml)")
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name)
-    rows = []
-    for job in jobs:
-        if (job / "metrics.json").exists():
-            rows.append({"run": run_label(job), "dir": job.name,
-                         "metrics": json.loads((job / "metrics.json").read_text())})
+    rows = [{"run": run_label(job), "metrics": run_metrics(job)}
+            for job in jobs if (job / "metrics.json").exists()]
     done = {row["run"] for row in rows}
-    return rows, [name for name in expected_runs(sweep) if name not in done]
+    return rows, [name for name in expected_runs(config) if name not in done]
 
 
-def table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    kinds = {r["metrics"].get("preservation", {}).get("kind") for r in rows}
-    extra = [k for kind in sorted(k for k in kinds if k) for k in PRESERVATION[kind]]
-    header = ["run", "variant", *(c for c, _, _ in COLUMNS), *extra]
+def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:
+    """The paper's metrics in its order, each our value followed by the paper's claim (for
+    the metrics it claims anything about)."""
+    metrics, claims = paper.get("metrics", {}), paper.get("claims") or {}
+    claimed = {name for run in claims.values() for name in run}
+    header = ["run", "variant"]
+    for name in metrics:
+        header += [name, f"{name} (paper)"] if name in claimed else [name]
     body = []
     for r in rows:
-        m = r["metrics"]
-        values = [m.get(section, {}).get(key) for _, section, key in COLUMNS]
-        values += [m.get("preservation", {}).get(k) for k in extra]
-        body.append([r["run"], m["sae"]["name"], *values])
+        row = [r["run"], r["metrics"]["sae"]["name"]]
+        for name, paths in metrics.items():
+            row.append(first_metric(r["metrics"], paths))
+            if name in claimed:
+                row.append(claims.get(r["run"], {}).get(name))
+        body.append(row)
     return header, body
 
 
-def markdown(header: list[str], body: list[list], missing: list[str], sweep: Path) -> str:
-    def cell(v):
-        return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+def standard_table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
+    """Labels, metrics.json paths and values of the standard metrics of every run."""
+    kinds = sorted({k for r in rows if (k := metric(r["metrics"], "preservation.kind"))})
+    extra = [(p.split(".")[-1], p) for kind in kinds for p in PRESERVATION[kind]]
+    columns = STANDARD + extra
+    body = [[r["run"], r["metrics"]["sae"]["name"], *(metric(r["metrics"], p) for _, p in columns)]
+            for r in rows]
+    return (["run", "variant", *(c for c, _ in columns)],
+            ["run", "variant", *(p for _, p in columns)], body)
 
-    lines = [f"# Sweep {sweep}", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in body]
-    lines += ["", f"Missing runs (no metrics.json yet): {', '.join(missing) or 'none'}."]
+
+def cell(value) -> str:
+    return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(header: list[str], body: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cell(v) for v in row) + " |" for row in body)]
+
+
+def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, missing: list[str]) -> str:
+    lines = [f"# {paper.get('title', 'Sweep')}", "", f"Sweep: `{sweep}`. Missing runs "
+             f"(no metrics.json yet): {', '.join(missing) or 'none'}.", ""]
+    if paper.get("metrics"):
+        lines += ["## The paper's metrics: ours, and the paper's figure beside each", "",
+                  *markdown_table(*paper_rows), ""]
+    lines += ["## Standard metrics (docs/metrics.md)", "", *markdown_table(*standard_rows)]
     return "\n".join(lines) + "\n"
+
+
+def numeric_columns(header: list[str], body: list[list]) -> tuple[list[str], list[list]]:
+    """run + variant + our numeric columns, each metric once (the papers' claims may be text
+    and are left out; a paper metric that is also a standard one appears once)."""
+    keep, seen = [0, 1], []
+    for i in range(2, len(header)):
+        values = [row[i] for row in body]
+        numeric = all(v is None or isinstance(v, (int, float)) for v in values)
+        if numeric and not header[i].endswith("(paper)") and values not in seen:
+            keep.append(i)
+            seen.append(values)
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in body]
+
+
+def log_to_wandb(config: dict, sweep: Path, header: list[str], body: list[list],
+                 images: dict) -> None:
+    """The report as a W&B table (+ plots) in the sweep's group, when it logged to W&B."""
+    from posae.training.loggers import WandbLogger
+
+    cfg = OmegaConf.create({k: v for k, v in config.items() if k != "hydra"})
+    logger = WandbLogger(cfg, sweep, name=f"report {sweep.name}", group=sweep.name, run_id=None)
+    logger.table("report", header, [[cell(v) if isinstance(v, str) else v for v in row]
+                                    for row in body])
+    logger.images(images)
+    logger.finish()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="a `python -m posae.train -m` output folder")
     sweep = parser.parse_args(argv).sweep
-    rows, missing = collect(sweep)
-    header, body = table(rows)
-    (sweep / "report.md").write_text(markdown(header, body, missing, sweep))
+    config = sweep_config(sweep)
+    paper = config.get("paper") or {}
+    rows, missing = collect(sweep, config)
+    paper_header, paper_body = paper_table(rows, paper)
+    labels, paths, standard_body = standard_table(rows)
+    (sweep / "report.md").write_text(
+        markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing))
+    csv_header = paper_header + paths[2:]
+    csv_body = [p + s[2:] for p, s in zip(paper_body, standard_body)]
     with open(sweep / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *body])
+        csv.writer(f).writerows([csv_header, *csv_body])
+    images = {}
     if rows:
         (sweep / "plots").mkdir(exist_ok=True)
-        plots.runs_comparison(header, body, sweep / "plots" / "metrics_by_run.png")
-        plots.position_curves_of_runs(
+        ours = numeric_columns(paper_header + labels[2:], csv_body)
+        images["metrics_by_run"] = plots.runs_comparison(
+            *ours, sweep / "plots" / "metrics_by_run.png")
+        images["position_curves_by_run"] = plots.position_curves_of_runs(
             {r["run"]: r["metrics"]["by_position"] for r in rows},
             sweep / "plots" / "position_curves_by_run.png")
+    if (config.get("logger") or {}).get("name") == "wandb":
+        log_to_wandb(config, sweep, csv_header, csv_body, images)
     print(f"{len(rows)} runs reported, {len(missing)} missing"
           f"{': ' + ', '.join(missing) if missing else ''}; {sweep / 'report.md'}")
 

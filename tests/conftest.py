@@ -38,9 +38,10 @@ def small_cache_request(root: Path, layers=(1, 3), n_tokens=40 * 32, context=32,
     return cache_request(cfg, "layers")
 
 
-def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 300):
+def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 300,
+               env: dict | None = None):
     """Run `python -m <module> args` in a real subprocess; `.output` is stdout and stderr."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=timeout)

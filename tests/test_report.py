@@ -1,38 +1,116 @@
-"""A paper's sweep end to end at a tiny scale, then `python -m posae.report` on it."""
+"""Every paper's sweep end to end at a tiny scale, then `python -m posae.report` on it."""
 
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
-from conftest import run_module
+import yaml
+from conftest import REPO, run_module
+
+from posae.report import metric
 
 TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
         "trainer.batch_tokens=512", "trainer.n_tokens=5120", "trainer.cpu=true",
-        "variant.expansion_factor=2", "optim.warmup_steps=5", "layer=2",
-        "eval.families=[structure]", "eval.plots=false"]
-TC_SAE_RUNS = ["baseline_relu", "tc_sae", "no_temporal", "window_3", "lambda2_high"]
+        "variant.expansion_factor=2", "layer=2", "eval.families=[structure]", "eval.plots=false"]
+EXPERIMENTS = {  # experiment -> its paper folder and run group
+    "pa_sae_runs": ("000_pa_sae", "pa_sae_run"), "atr_runs": ("001_atr", "atr_run"),
+    "hierarchical_runs": ("002_hierarchical", "hierarchical_run"),
+    "tc_sae_runs": ("003_tc_sae", "tc_sae_run"),
+    "curriculum_runs": ("004_curriculum", "curriculum_run"),
+}
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def declared_runs(experiment: str) -> list[str]:
+    folder, group = EXPERIMENTS[experiment]
+    config = yaml.safe_load((REPO / "experiments" / folder / "experiment" / f"{experiment}.yaml")
+                            .read_text())
+    return config["hydra"]["sweeper"]["params"][f"+{group}"].split(",")
+
+
+def test_every_declared_run_has_a_file_and_at_most_ten_runs():
+    for experiment, (folder, group) in EXPERIMENTS.items():
+        runs = declared_runs(experiment)
+        assert 2 <= len(runs) <= 10, experiment
+        assert len(set(runs)) == len(runs), experiment
+        files = {p.stem for p in (REPO / "experiments" / folder / group).glob("*.yaml")}
+        assert set(runs) == files, experiment
 
 
 @pytest.mark.slow
-def test_tc_sae_sweep_runs_and_reports_one_row_per_run(tmp_path):
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_paper_sweep_runs_and_reports_one_row_per_run(experiment, tmp_path, cache_root):
     sweep = tmp_path / "sweep"
-    result = run_module("posae.train", "-m", "+experiment=tc_sae_runs", *TINY,
-                        f"cache.root={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
-                        timeout=900)
+    result = run_module("posae.train", "-m", f"+experiment={experiment}", *TINY,
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert result.returncode == 0, result.output[-3000:]
+    runs = declared_runs(experiment)
+    report = run_module("posae.report", str(sweep))
+    assert report.returncode == 0, report.output
+    assert f"{len(runs)} runs reported, 0 missing" in report.output
+    rows = list(csv.reader(open(sweep / "report.csv")))
+    assert [r[0] for r in rows[1:]] == runs
+    claims = yaml.safe_load((sweep / "multirun.yaml").read_text())["paper"]["claims"]
+    header = rows[0]
+    for row in rows[1:]:  # the paper's figures sit beside ours, in its layout
+        for name, value in claims.get(row[0], {}).items():
+            assert row[header.index(f"{name} (paper)")] == str(value)
+        assert float(row[header.index("core.explained_variance")]) < 1
+    assert (sweep / "plots" / "metrics_by_run.png").exists()
+    assert (sweep / "plots" / "position_curves_by_run.png").exists()
+
+
+@pytest.mark.slow
+def test_report_of_a_partly_finished_sweep_names_the_missing_runs_and_logs_to_wandb(
+        tmp_path, cache_root):
+    sweep = tmp_path / "sweep"
+    result = run_module("posae.train", "-m", "+experiment=tc_sae_runs", *TINY, "logger=wandb",
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900,
+                        env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.output[-3000:]
     (sweep / "3" / "metrics.json").unlink()  # a run that has not finished yet
-    report = run_module("posae.report", str(sweep))
+    report = run_module("posae.report", str(sweep), env={"WANDB_MODE": "offline"})
     assert report.returncode == 0, report.output
     assert "4 runs reported, 1 missing: window_3" in report.output
     rows = list(csv.reader(open(sweep / "report.csv")))
-    assert [r[0] for r in rows[1:]] == [r for r in TC_SAE_RUNS if r != "window_3"]
-    assert [r[1] for r in rows[1:]] == ["relu", "tc_sae", "tc_sae", "tc_sae"]
+    assert [r[0] for r in rows[1:]] == ["baseline_relu", "tc_sae", "no_temporal", "lambda2_high"]
     assert "Missing runs (no metrics.json yet): window_3." in (sweep / "report.md").read_text()
-    assert (sweep / "plots" / "metrics_by_run.png").exists()
-    assert (sweep / "plots" / "position_curves_by_run.png").exists()
+    tables = list(sweep.glob("wandb/offline-run-*/files/media/table/report_*.table.json"))
+    assert len(tables) == 1, sorted(os.listdir(sweep / "wandb"))
+    assert "baseline_relu" in tables[0].read_text()
 
 
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     result = run_module("posae.report", str(tmp_path))
     assert result.returncode != 0 and "not a Hydra multirun folder" in result.output
+
+
+def test_metric_paths_and_the_mean_over_tasks():
+    metrics = {"core": {"l0": 3.0},
+               "sparse_probing": {"a": {"mean": {"acc": 0.5}}, "b": {"mean": {"acc": 1.0}}}}
+    assert metric(metrics, "core.l0") == 3.0
+    assert metric(metrics, "sparse_probing.*.mean.acc") == 0.75
+    assert metric(metrics, "core.missing") is None
+    assert metric(metrics, "preservation.kl_score") is None
+    assert metric({"sparse_probing": {}}, "sparse_probing.*.mean.acc") is None
+
+
+@pytest.mark.slow
+def test_a_sweep_through_a_hydra_launcher_as_on_a_cluster(tmp_path, cache_root):
+    """submitit_local is the submitit launcher's local twin of submitit_slurm: each run is
+    its own process, as each is its own job on a cluster."""
+    sweep = tmp_path / "sweep"
+    result = run_module("posae.train", "-m", "+experiment=tc_sae_runs",
+                        "+tc_sae_run=baseline_relu,window_3", *TINY,
+                        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "Submitit 'local' sweep" in result.output
+    report = run_module("posae.report", str(sweep))
+    assert "2 runs reported, 0 missing" in report.output, report.output

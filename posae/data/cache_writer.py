@@ -35,6 +35,7 @@ from posae.data.cache_format import (
     write_manifest,
 )
 from posae.data.sequences import SpecialTokens, iter_sequence_blocks
+from posae.data.synthetic import SyntheticActivations
 from posae.data.text import iter_documents
 from posae.models.hooks import residual_stream
 from posae.models.lm import LanguageModel, load_language_model, resolve_device
@@ -81,13 +82,18 @@ class LayerWriter:
         size = self.header["shard_sequences"]
         return next((i for i, s in enumerate(self.shards) if s["n_seq"] < size), len(self.shards))
 
-    def prepare(self, lm: LanguageModel, special: SpecialTokens) -> None:
-        """Drop a trailing partial shard and stray temp files; record the tokenizer."""
+    def prepare(self, lm: LanguageModel | None, special: SpecialTokens | None) -> None:
+        """Drop a trailing partial shard and stray temp files; record the tokenizer (none
+        for synthetic activations)."""
         keep = self.full_shards()
         self.shards, self.stats, self.exhausted = self.shards[:keep], self.stats[:keep], False
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
+        if lm is None:
+            self.header.update(blocks_module=None, tokenizer={
+                "prefix": [], "suffix": [], "separator": None, "pad": 0, "special_token_ids": []})
+            return
         self.header.update(
             blocks_module=f"{lm.blocks_path}.{self.layer}",
             tokenizer={"prefix": list(special.prefix), "suffix": list(special.suffix),
@@ -195,6 +201,11 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
         if all(w.satisfies(target) for w in writers):
             log.info("activation cache complete: %s", spec.group_dir())
             return [w.dir for w in writers]
+        if req.dataset.source == "synthetic":
+            for writer in writers:
+                writer.prepare(None, None)
+            _write_synthetic_shards(req, writers, target)
+            return [w.dir for w in writers]
         lm = lm or load_language_model(req.model, resolve_device(req.cache.device))
         special = SpecialTokens.for_tokenizer(lm.tokenizer, req.model.prepend_bos)
         lm.tokenizer.model_max_length = 1 << 30  # we cut sequences ourselves
@@ -234,6 +245,21 @@ def _write_shards(req, lm, special, writers, target, docs) -> None:
         for writer in writers:
             writer.exhausted = True
             writer.write_manifest()
+
+
+def _write_synthetic_shards(req, writers, target) -> None:
+    """Planted-feature activations (posae/data/synthetic.py) in the same shard format."""
+    size, context = req.cache.shard_sequences, req.context_size
+    source = SyntheticActivations(req.dataset.synthetic, context)
+    start = min(w.full_shards() for w in writers)
+    for index in tqdm(range(start, math.ceil(target / size)), desc="generating synthetic shards",
+                      dynamic_ncols=True):
+        n_seq = min(size, target - index * size)
+        acts, _ = source.shard(index, n_seq)
+        tokens = np.zeros((n_seq, context), np.int32)
+        mask = np.ones((n_seq, context), bool)
+        _append_all(writers, index, {w.layer: to_storage(torch.from_numpy(acts), req.cache.dtype)
+                                     for w in writers}, tokens, mask)
 
 
 def _append_all(writers, index, acts, tokens, mask) -> None:

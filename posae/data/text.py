@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from posae.config import ConfigError, DatasetConfig
@@ -18,6 +19,8 @@ def source_identity(ds: DatasetConfig) -> dict:
     identity = {"source": ds.source, "pack": ds.pack}
     if ds.source == "stdlib_docs":
         identity["python"] = stdlib_version()
+    elif ds.source == "synthetic":
+        identity.update(asdict(ds.synthetic))
     elif ds.source == "hf":
         identity.update(path=ds.path, split=ds.split, text_field=ds.text_field)
     else:

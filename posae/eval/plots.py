@@ -117,6 +117,24 @@ def sparse_probing_curve(results: dict, ks: list[int], path: Path, title: str) -
     return _save(fig, path)
 
 
+def recovery_histogram(max_cosine: np.ndarray, family: np.ndarray, families: tuple[str, ...],
+                       threshold: float, path: Path, title: str) -> Path:
+    """Per true feature, the best latent's cosine similarity, one histogram per family."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(min(0.0, max_cosine.min()), 1.0, 41)
+    for index, name in enumerate(families):
+        values = max_cosine[family == index]
+        if values.size:
+            ax.hist(values, bins=bins, histtype="step", lw=1.5,
+                    label=f"{name} ({(values > threshold).mean():.0%} recovered)")
+    ax.axvline(threshold, color="grey", ls="--", lw=1)
+    ax.set_xlabel("max cosine similarity of a true feature with any decoder row")
+    ax.set_ylabel("true features")
+    ax.set_title(f"{title}\nrecovery of the planted dictionary")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def runs_comparison(header: list[str], body: list[list], path: Path) -> Path:
     """One bar chart per numeric column of a sweep's report, runs along x."""
     columns = [i for i, name in enumerate(header) if i >= 2]

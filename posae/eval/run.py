@@ -27,10 +27,12 @@ from posae.config import (
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.sequences import SpecialTokens
+from posae.data.synthetic import FAMILIES, SyntheticActivations
 from posae.eval import plots
 from posae.eval.absorption import AbsorptionConfig, absorption
 from posae.eval.held_out import held_out_pass
 from posae.eval.preservation import model_preservation
+from posae.eval.recovery import recovery
 from posae.eval.sparse_probing import (
     load_probing_task,
     probing_config,
@@ -174,17 +176,33 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
                     clusters, plot_dir / "position_profile_dendrogram.png", title)
         timings["structure"] = time.perf_counter() - start
 
+    synthetic = inputs.req.dataset.synthetic
+    if synthetic is not None:
+        start = time.perf_counter()
+        source = SyntheticActivations(synthetic, inputs.req.context_size)
+        found = recovery(sae, source, arrays["firing_rate"], arrays["positions"])
+        metrics["recovery"] = found
+        if cfg.plots:
+            figures["recovery"] = plots.recovery_histogram(
+                found["_max_cosine"], found["_family"], FAMILIES, found["threshold"],
+                plot_dir / "recovery.png", title)
+        timings["recovery"] = time.perf_counter() - start
+
     needs_lm = {"preservation", "probing", "absorption"} & set(cfg.families)
+    if needs_lm and synthetic is not None:
+        log.info("no language model behind synthetic activations: %s skipped",
+                 ", ".join(sorted(needs_lm)))
+        needs_lm = set()
     if needs_lm:
         lm = load_language_model(inputs.req.model, device)
         special = SpecialTokens.for_tokenizer(lm.tokenizer, inputs.req.model.prepend_bos)
-    if "preservation" in cfg.families:
+    if "preservation" in needs_lm:
         start = time.perf_counter()
         metrics["preservation"] = model_preservation(
             sae, lm, inputs.layer, _preservation_sequences(
                 inputs, ids[: cfg.preservation_sequences], cfg.batch_sequences))
         timings["preservation"] = time.perf_counter() - start
-    if "probing" in cfg.families:
+    if "probing" in needs_lm:
         start = time.perf_counter()
         settings = probing_config({**cfg.probing, "context_size": inputs.req.context_size})
         metrics["sparse_probing"] = {}
@@ -197,7 +215,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
                     result, result["settings"]["ks"],
                     plot_dir / f"sparse_probing_{task_name}.png", f"{title} · {task_name}")
         timings["sparse_probing"] = time.perf_counter() - start
-    if "absorption" in cfg.families:
+    if "absorption" in needs_lm:
         start = time.perf_counter()
         metrics["absorption"] = absorption(sae, lm, special, inputs.layer,
                                            inputs.req.context_size,

@@ -65,6 +65,9 @@ class WandbLogger:
             self.run.log({f"plots/{name}": self.wandb.Image(str(path))
                           for name, path in paths.items()})
 
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        self.run.log({key: self.wandb.Table(columns=columns, data=rows)})
+
     def finish(self) -> None:
         self.run.finish()
 
