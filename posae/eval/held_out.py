@@ -127,8 +127,9 @@ class HeldOutAccumulator:
                 "explained_variance": (1 - self.pos["sq_err"][t] / pos_var.clamp_min(1e-12))
                 .tolist(),
                 "l0": (self.pos["l0"][t] / n_t).tolist(),
-                "adjacent_jaccard": (self.jaccard[t] / self.pairs[t].clamp_min(1)).tolist(),
-                "adjacent_code_cosine": (self.code_cos[t] / self.pairs[t].clamp_min(1)).tolist(),
+                # NaN (null in metrics.json) where position t has no counted successor
+                "adjacent_jaccard": (self.jaccard[t] / self.pairs[t]).tolist(),
+                "adjacent_code_cosine": (self.code_cos[t] / self.pairs[t]).tolist(),
             }
         arrays = {
             "frequency": frequency.numpy(),
