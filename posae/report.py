@@ -141,7 +141,8 @@ def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, missing: list[
     lines = [f"# {paper.get('title', 'Sweep')}", "", f"Sweep: `{sweep}`. Missing runs "
              f"(no metrics.json yet): {', '.join(missing) or 'none'}.", ""]
     if paper.get("metrics"):
-        lines += ["## The paper's metrics: ours, and the paper's figure beside each", "",
+        lines += ["## The paper's metrics: ours, and the paper's figure beside each"
+                  if paper.get("claims") else "## The experiment's metrics", "",
                   *markdown_table(*paper_rows), ""]
     lines += ["## Standard metrics (docs/metrics.md)", "", *markdown_table(*standard_rows)]
     return "\n".join(lines) + "\n"

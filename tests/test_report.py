@@ -28,7 +28,7 @@ def cache_root(tmp_path_factory):
 
 
 def declared_runs(experiment: str) -> list[str]:
-    folder, group = EXPERIMENTS[experiment]
+    folder, group = {**EXPERIMENTS, "synthetic_runs": ("synthetic", "synthetic_run")}[experiment]
     config = yaml.safe_load((REPO / "experiments" / folder / "experiment" / f"{experiment}.yaml")
                             .read_text())
     return config["hydra"]["sweeper"]["params"][f"+{group}"].split(",")
@@ -41,6 +41,14 @@ def test_every_declared_run_has_a_file_and_at_most_ten_runs():
         assert len(set(runs)) == len(runs), experiment
         files = {p.stem for p in (REPO / "experiments" / folder / group).glob("*.yaml")}
         assert set(runs) == files, experiment
+
+
+def test_the_synthetic_sweep_runs_every_variant_once():
+    runs = declared_runs("synthetic_runs")
+    variants = {p.stem for p in (REPO / "conf" / "variant").glob("*.yaml")}
+    assert sorted(runs) == sorted(variants)
+    files = {p.stem for p in (REPO / "experiments" / "synthetic" / "synthetic_run").glob("*.yaml")}
+    assert files == variants
 
 
 @pytest.mark.slow
