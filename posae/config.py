@@ -116,7 +116,8 @@ def typed(node: Any, schema: type[T], key: str) -> T:
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         bad = getattr(err, "full_key", None) or ""
-        raise ConfigError(f"{key}.{bad}: {err.msg if hasattr(err, 'msg') else err}") from None
+        name = bad if bad == key or bad.startswith(f"{key}.") else f"{key}.{bad}"
+        raise ConfigError(f"{name}: {err.msg if hasattr(err, 'msg') else err}") from None
     return obj  # type: ignore[return-value]
 
 
@@ -221,15 +222,16 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
 
     `layers_key` is `layers` (posae.cache: a list) or `layer` (posae.train: one index).
     """
+    if (cfg.dataset.get("source") == "synthetic") != (cfg.model.get("kind") == "synthetic"):
+        raise ConfigError(f"model: {cfg.model.get('name')!r} cannot read dataset "
+                          f"{cfg.dataset.get('name')!r}: planted activations go with "
+                          f"model=synthetic (dataset=synthetic selects it)")
     model = model_config(cfg.model)
     layers = layer_indices(cfg[layers_key], model, layers_key)
     context_size = positive_int(cfg.context_size, "context_size")
     if context_size < 4:
         raise ConfigError(f"context_size: must be at least 4, got {context_size}")
     dataset = dataset_config(cfg.dataset)
-    if (dataset.source == "synthetic") != (model.kind == "synthetic"):
-        raise ConfigError(f"model: {model.name!r} cannot read dataset {dataset.name!r}: planted "
-                          f"activations go with model=synthetic (dataset=synthetic selects it)")
     if dataset.synthetic is not None:
         synthetic_checks(dataset.synthetic, model, context_size)
     return CacheRequest(

@@ -14,8 +14,9 @@ from posae.config import (
     model_config,
 )
 
-MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+# language models and text; `synthetic` (planted activations) pairs only with itself
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "synthetic")
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml") if p.stem != "synthetic")
 
 
 def test_the_papers_models_are_configured():
@@ -33,6 +34,14 @@ def test_every_model_and_dataset_compose_for_train_and_cache(model, dataset):
                                     key == "layer" else "layers=[0,1]", *extra])
         req = cache_request(cfg, key)
         assert req.model.name == model and req.dataset.name == dataset
+
+
+def test_synthetic_pairs_only_with_itself():
+    for name, key in (("config", "layer"), ("cache", "layers")):
+        req = cache_request(compose_config(name, ["dataset=synthetic"]), key)
+        assert (req.model.name, req.layers, req.model.d_model) == ("synthetic", [0], 64)
+        with pytest.raises(ConfigError, match="model: 'synthetic' cannot read dataset"):
+            cache_request(compose_config(name, ["model=synthetic", "dataset=stdlib_docs"]), key)
 
 
 def test_train_config_composes_all_groups():
