@@ -168,7 +168,9 @@ def log_to_wandb(config: dict, sweep: Path, header: list[str], body: list[list],
 
     cfg = OmegaConf.create({k: v for k, v in config.items() if k != "hydra"})
     logger = WandbLogger(cfg, sweep, name=f"report {sweep.name}", group=sweep.name, run_id=None)
-    logger.table("report", header, [[cell(v) if isinstance(v, str) else v for v in row]
+    # a W&B column holds one type: the papers' figures (numbers or text) go as text
+    claims = [name.endswith("(paper)") for name in header]
+    logger.table("report", header, [[cell(v) if claim else v for v, claim in zip(row, claims)]
                                     for row in body])
     logger.images(images)
     logger.finish()
