@@ -13,7 +13,7 @@ from posae.report import metric
 
 TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
         "trainer.batch_tokens=512", "trainer.n_tokens=5120", "trainer.cpu=true",
-        "variant.expansion_factor=2", "layer=2", "eval.families=[structure]", "eval.plots=false"]
+        "variant.expansion_factor=2", "layer=2", "eval.families=[]", "eval.plots=false"]
 EXPERIMENTS = {  # experiment -> its paper folder and run group
     "pa_sae_runs": ("000_pa_sae", "pa_sae_run"), "atr_runs": ("001_atr", "atr_run"),
     "hierarchical_runs": ("002_hierarchical", "hierarchical_run"),
