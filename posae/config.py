@@ -29,7 +29,14 @@ def paper_steps(steps: int, *, _root_: DictConfig) -> int:
     return round(int(steps) / positive_int(_root_.scale.step_divisor, "scale.step_divisor"))
 
 
+def steps_to_tokens(steps: int, *, _root_: DictConfig) -> int:
+    """`${steps_to_tokens:N}`: training tokens for N optimiser steps of trainer.batch_tokens,
+    for a sweep whose schedule (004's 10,000-step curriculum) must finish within the run."""
+    return int(steps) * positive_int(_root_.trainer.batch_tokens, "trainer.batch_tokens")
+
+
 OmegaConf.register_new_resolver("paper_steps", paper_steps, replace=True)
+OmegaConf.register_new_resolver("steps_to_tokens", steps_to_tokens, replace=True)
 
 
 @dataclass

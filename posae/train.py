@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
+from dataclasses import dataclass
 
 import hydra
 import torch
@@ -18,18 +20,28 @@ from accelerate.utils import DistributedDataParallelKwargs
 from omegaconf import DictConfig
 
 from posae.cli import CONFIG_PATH, exit_on_user_error, log
-from posae.config import cache_request, eval_config, optim_config, trainer_config
+from posae.config import (
+    CacheRequest,
+    EvalConfig,
+    OptimConfig,
+    TrainerConfig,
+    cache_request,
+    eval_config,
+    optim_config,
+    trainer_config,
+)
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
 from posae.eval.held_out import held_out_pass
 from posae.eval.run import evaluate_run
-from posae.losses import build_loss_terms
-from posae.sae import build_sae, sae_config, save_sae
+from posae.losses import LossTerm, build_loss_terms, check_contracts
+from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, split_sequences, whole_sequences
 from posae.training.checkpoint import load_checkpoint
 from posae.training.loggers import make_logger
 from posae.training.run import run_config, run_name_and_group, shared_run_dir
+from posae.training.schedule import unfinished_schedules
 from posae.training.trainer import Trainer, TrainingInterrupted
 
 
@@ -44,32 +56,62 @@ def make_accelerator(trainer_node) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[ddp])
 
 
+@dataclass
+class TrainingPlan:
+    """Everything a run needs, validated from the composed config before any compute."""
+
+    req: CacheRequest
+    optim: OptimConfig
+    trainer: TrainerConfig
+    sae: SAEConfig
+    terms: dict[str, LossTerm]
+    eval: EvalConfig
+
+    @property
+    def layer(self) -> int:
+        return self.req.layers[0]
+
+
+def plan_training(cfg: DictConfig) -> TrainingPlan:
+    """Validate every part of the config (a bad key raises ConfigError naming it, a loss
+    term the architecture cannot feed is refused) and warn of schedules that never finish."""
+    req = cache_request(cfg, "layer")
+    tcfg = trainer_config(cfg.trainer, req.context_size)
+    plan = TrainingPlan(req, optim_config(cfg.optim), tcfg, sae_config(cfg.variant,
+                                                                        req.model.d_model),
+                        build_loss_terms(cfg.loss), eval_config(cfg.eval))
+    check_contracts(plan.terms, plan.sae.name, architecture(plan.sae.arch))
+    for warning in unfinished_schedules(cfg, math.ceil(tcfg.n_tokens / tcfg.batch_tokens)):
+        log.warning(warning)
+    return plan
+
+
+def open_training_cache(plan: TrainingPlan, accelerator: Accelerator):
+    """Build the activation cache if missing (one process builds, the others wait) and open
+    it: (cache, training sequence ids, held-out sequence ids)."""
+    with accelerator.main_process_first():
+        build_cache(plan.req)
+    cache = ActivationCache.open(CacheSpec.from_request(plan.req), plan.layer,
+                                 plan.req.cache.verify)
+    return (cache, *split_sequences(len(cache), plan.trainer.eval_fraction))
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     accelerator = make_accelerator(cfg.trainer)
     run_dir = shared_run_dir(accelerator)
     cfg, checkpoint = run_config(cfg, run_dir, accelerator.is_main_process)
-
-    # validate everything before any compute
-    req = cache_request(cfg, "layer")
-    layer = req.layers[0]
-    optim, tcfg = optim_config(cfg.optim), trainer_config(cfg.trainer, req.context_size)
-    sae_cfg = sae_config(cfg.variant, req.model.d_model)
-    terms = build_loss_terms(cfg.loss)
-    ecfg = eval_config(cfg.eval)
-
-    with accelerator.main_process_first():
-        build_cache(req)
-    cache = ActivationCache.open(CacheSpec.from_request(req), layer, req.cache.verify)
-    train_ids, eval_ids = split_sequences(len(cache), tcfg.eval_fraction)
+    plan = plan_training(cfg)  # everything validated before any compute
+    req, layer, tcfg, sae_cfg, ecfg = plan.req, plan.layer, plan.trainer, plan.sae, plan.eval
+    cache, train_ids, eval_ids = open_training_cache(plan, accelerator)
     torch.manual_seed(cfg.seed)
     name, group = run_name_and_group(run_dir)
     logger = make_logger(cfg, run_dir, name, group,
                          checkpoint and load_checkpoint(checkpoint, torch.device("cpu"))
                          ["wandb_run_id"], accelerator.is_main_process)
-    trainer = Trainer(build_sae(sae_cfg), terms, optim, tcfg, cache, train_ids, cfg.seed,
-                      accelerator, run_dir, logger)
+    trainer = Trainer(build_sae(sae_cfg), plan.terms, plan.optim, tcfg, cache, train_ids,
+                      cfg.seed, accelerator, run_dir, logger)
     if checkpoint is not None:
         trainer.load_state_dict(load_checkpoint(checkpoint, accelerator.device))
         log.info("resuming %s from step %d", run_dir, trainer.step)
@@ -97,7 +139,10 @@ def main(cfg: DictConfig) -> None:
                              accelerator.device)
         metrics = held_out_pass(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)),
                                 req.context_size)["core"]
+        mechanisms = {k: v for k, v in trainer.last_stats.items()
+                      if k.startswith(("mech/", "coef/", "resample/"))}
         summary = {"held_out": metrics, "final_train_stats": trainer.last_stats,
+                   "mechanisms": mechanisms,
                    "steps": trainer.step, "tokens": trainer.step * tcfg.batch_tokens,
                    "train_seconds": seconds, "wandb_run_id": logger.run_id}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))

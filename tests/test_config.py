@@ -101,3 +101,42 @@ def test_cli_rejects_unknown_variant(tmp_path):
     result = run_module("posae.train", "variant=nope", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "variant/nope" in result.output
+
+
+def test_a_loss_term_the_architecture_cannot_feed_exits_2_before_any_compute(tmp_path):
+    result = run_module("posae.train", "variant=relu", "loss=[mse,importance_l1]",
+                        f"cache.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.output
+    assert "loss.importance_l1" in result.output and "variant=relu" in result.output
+    assert "pa_sae" in result.output  # the architectures that can feed it
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["variant=hierarchical", "variant.width=7"], "variant"),
+    (["variant=topk", "variant.k=5000"], "variant.k"),
+    (["variant=pa_sae", "variant.mask=open"], "variant.mask"),
+    (["variant=masked_hard", "variant.mask=soft"], "variant.mask"),
+    (["variant=multiscale", "variant.width=100"], "variant"),
+    (["variant=pa_sae", "variant.rate_init=0.5"], "variant.rate_init"),
+])
+def test_architecture_checks_run_when_the_config_is_read(overrides, key):
+    from posae.sae import sae_config
+
+    with pytest.raises(ConfigError, match=rf"^{key}"):
+        sae_config(compose_config(overrides=overrides).variant, 384)
+
+
+def test_schedules_that_end_after_the_run_are_named():
+    from posae.training.schedule import unfinished_schedules
+
+    cfg = compose_config(overrides=["variant=curriculum"])
+    (warning,) = unfinished_schedules(cfg, 489)
+    assert warning.startswith("variant.curriculum_delay + variant.curriculum_length = 500")
+    assert unfinished_schedules(cfg, 500) == []
+    cfg = compose_config(overrides=["variant=atr"])  # resampling every 500 steps
+    assert any(w.startswith("trainer.resample_every = 500") for w in unfinished_schedules(cfg, 999))
+    assert unfinished_schedules(cfg, 1000) == []
+    cfg = compose_config(overrides=["variant=masked_progressive", "loss.l1.warmup_steps=900"])
+    keys = {w.split(" = ")[0] for w in unfinished_schedules(cfg, 489)}
+    assert keys == {"variant.schedule_steps", "loss.l1.warmup_steps"}

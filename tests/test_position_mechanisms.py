@@ -53,15 +53,40 @@ def test_adjacent_difference_never_pairs_two_sequences():
     assert AdjacentDifference()(out, batch, ctx(8.0)).item() == pytest.approx(2 * 15 / 8)
 
 
-def test_window_consistency_equals_the_hand_sum():
+def test_window_consistency_adjacent_form_equals_the_hand_sum():
     out, batch = codes_batch(F)
     # T = 3: windows [0..2] pairs (1, 5) and [1..3] pairs (5, 9), each divided by T - 1 = 2
     expected = ((1 + 5) / 2 + (5 + 9) / 2) / 4
-    assert WindowConsistency(window=3)(out, batch, ctx(4.0)).item() == pytest.approx(expected)
+    term = WindowConsistency(window=3, form="adjacent")
+    assert term(out, batch, ctx(4.0)).item() == pytest.approx(expected)
     mask = torch.tensor([[True, True, True, False]])
     out, batch = codes_batch(F, mask=mask)
-    assert WindowConsistency(window=3)(out, batch, ctx(3.0)).item() == pytest.approx(3 / 3)
-    assert WindowConsistency(window=5)(out, batch, ctx(3.0)).item() == 0
+    assert term(out, batch, ctx(3.0)).item() == pytest.approx(3 / 3)
+    assert WindowConsistency(window=5, form="adjacent")(out, batch, ctx(3.0)).item() == 0
+
+
+def test_window_consistency_window_mean_form_equals_the_hand_sum():
+    out, batch = codes_batch(F)
+    # T = 3, windows ending at t = 2 and t = 3: z_2 - (4/3, 1/3) = (5/3, 2/3) -> 29/9;
+    # z_3 - (4/3, 2/3) = (-4/3, 1/3) -> 17/9; over 4 counted tokens
+    term = WindowConsistency(window=3)
+    assert term.form == "window_mean"
+    assert term(out, batch, ctx(4.0)).item() == pytest.approx((29 / 9 + 17 / 9) / 4)
+    mask = torch.tensor([[True, True, False, True]])  # no complete window of 3 remains
+    out, batch = codes_batch(F, mask=mask)
+    assert term(out, batch, ctx(3.0)).item() == 0
+
+
+def test_window_size_matters_in_the_window_mean_form_only():
+    """003's T = 5 vs 3 ablation: the adjacent form is nearly the adjacent-pair loss for any
+    T (003 issue: ratio 0.99), the window-mean form is not."""
+    torch.manual_seed(0)
+    on = torch.rand(8, 128, 64) < 0.1  # codes that switch on and off independently
+    out, batch = codes_batch(on.float() * torch.rand(8, 128, 64))
+    def loss(window, form):
+        return WindowConsistency(window=window, form=form)(out, batch, ctx(8 * 128.0)).item()
+    assert loss(5, "adjacent") / loss(3, "adjacent") == pytest.approx(1, abs=0.03)
+    assert loss(5, "window_mean") / loss(3, "window_mean") > 1.15
 
 
 def test_position_weights_run_from_one_to_two_minus_one_over_l():
@@ -211,7 +236,7 @@ def test_hierarchical_global_half_ignores_position_and_positional_half_does_not(
     sae = build("hierarchical", context_size=8, heads=2, head_dim=4)
     with torch.no_grad():
         sae.position_embedding.normal_()
-        sae.value.weight.normal_()
+        sae.output.weight.normal_()
         sae.gate_logits.normal_()
     x = torch.randn(1, 1, 8).expand(1, 8, 8)  # the same vector at every position
     f = sae.encode(x, torch.arange(8)[None])
@@ -318,3 +343,76 @@ def test_hierarchical_switches_remove_each_mechanism():
     x = torch.randn(2, 8, 8)
     f = sae.encode(x, torch.arange(8).expand(2, 8))
     torch.testing.assert_close(f, torch.relu(sae.pre_activations(x)))
+
+
+def test_hierarchical_routing_is_multi_head_attention_with_an_output_projection():
+    sae = build("hierarchical", context_size=8, heads=2, head_dim=4)
+    with torch.no_grad():
+        sae.output.weight.normal_()
+    P = sae.position_embedding
+    heads = []
+    for h in range(2):
+        rows = slice(4 * h, 4 * h + 4)
+        q, k, v = (proj.weight[rows] @ P.T for proj in (sae.query, sae.key, sae.value))
+        weights = torch.softmax(q.T @ k / math.sqrt(8), dim=-1)  # eq. 4 divides by sqrt(d)
+        heads.append(weights @ v.T)
+    expected = torch.cat(heads, -1) @ sae.output.weight.T
+    torch.testing.assert_close(sae.routing(), expected)
+
+
+def test_routing_without_position_embedding_gets_a_gradient_at_initialisation():
+    """002 run 8 ("pure attention routing"): P is not in eq. 3 but must still move."""
+    sae = build("hierarchical", context_size=8, heads=2, head_dim=4, position_embedding=False)
+    assert sae.routing().abs().max() == 0  # routing starts as a no-op
+    x, pos = torch.randn(2, 8, 8), torch.arange(8).expand(2, 8)
+    out = sae(x, pos)
+    (out.x_hat - x).pow(2).sum().backward()
+    assert sae.output.weight.grad.abs().max() > 0
+
+
+def test_pa_sae_records_per_token_gradients_and_scales_the_backward_by_its_rates():
+    sae = pa_sae(mask="none").train()
+    n = 12.0
+    sae.set_token_gradient_scale(n)  # the trainer: the loss is a mean over n tokens
+    with torch.no_grad():
+        sae.rates[2] = 0.02  # twice α_0 at position 2
+    x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
+    out = sae(x, pos, torch.ones(2, 6, dtype=bool))
+    (out.f * 3.0).sum().div(n).backward()  # per-token ∂L/∂f = 3 everywhere
+    sae_grad_pos2 = sae.W_enc.grad.clone()
+    assert sae.grad_sum[0].tolist() == [2 * 3.0] * 16  # two tokens at position 0, |3| each
+    sae.before_step(1)
+    torch.testing.assert_close(sae.importance_ema[0], torch.full((16,), 0.3))  # (1-β) 3
+    # the gradient reaching the encoder: tokens at position 2 count twice
+    sae.zero_grad()
+    reference = pa_sae(mask="none", adaptive_rates=False).train()
+    ref_out = reference(x, pos, torch.ones(2, 6, dtype=bool))
+    weight = torch.ones(2, 6, 1)
+    weight[:, 2] = 2.0
+    (ref_out.f * 3.0 * weight).sum().div(n).backward()
+    torch.testing.assert_close(sae_grad_pos2, reference.W_enc.grad)
+
+
+def test_adaptive_l1_keeps_a_standing_error_and_integral_control_removes_it():
+    """001 eq. 4 is proportional control. On a plant where L0 = 40 / λ (λ0 = 0.04 gives
+    L0 = 1000), it settles far above the target of 32; the integral form reaches it."""
+    from posae.losses.controllers import IntegralL1
+
+    def settle(controller, steps=3000):
+        for step in range(steps):
+            controller.update({"l0": 40 / controller(step)})
+        return 40 / controller(steps)
+
+    proportional = settle(AdaptiveL1(value=0.04, eta=0.002, target_l0=32))
+    integral = settle(IntegralL1(value=0.04, gain=0.02, target_l0=32))
+    assert proportional > 300  # standing error: λ0 exp(η (s - s*)) = 40 / s has s >> s*
+    assert integral == pytest.approx(32, rel=0.01)
+
+
+def test_momentum_alpha_starts_at_its_initial_value_and_follows_reconstruction():
+    alpha = MomentumFromReconstruction(value=0.002, momentum=0.95)
+    assert alpha(0) == 0.0
+    for _ in range(200):
+        alpha.update({"fvu": 0.25})
+    assert alpha(200) == pytest.approx(0.002 * 0.75, rel=1e-3)
+    assert MomentumFromReconstruction(initial=0.001)(0) == 0.001

@@ -63,9 +63,20 @@ def test_every_variant_trains_twenty_steps_as_one_multirun(tmp_path, cache_root)
         assert math.isfinite(held_out["explained_variance"]) and held_out["l0"] > 0, name
         saved = json.loads((run_dir / "sae" / "cfg.json").read_text())
         assert saved["config"]["name"] == name
+        records = [json.loads(line) for line in
+                   (run_dir / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [10, 20], name
+        assert records[-1]["l0"] == summary["final_train_stats"]["l0"], name
+        assert set(summary["mechanisms"]) <= set(summary["final_train_stats"]), name
         again = held_out_metrics(run_dir)
         assert again["explained_variance"] == pytest.approx(held_out["explained_variance"],
                                                             rel=1e-9), name
+    pa_sae = json.loads((tmp_path / str(VARIANTS.index("pa_sae")) / "train_summary.json")
+                        .read_text())["mechanisms"]
+    assert {"mech/rate_min", "mech/rate_max", "mech/mask_mean", "mech/importance_weight_std",
+            "coef/importance_l1"} <= set(pa_sae)
+    text_log = (tmp_path / str(VARIANTS.index("pa_sae")) / "train.log").read_text()
+    assert "step 20: coef/mse=1" in text_log and "mech/rate_max=" in text_log
 
 
 def train_command(run_dir: Path, cache_root: Path, *extra: str) -> list[str]:

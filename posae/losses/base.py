@@ -9,7 +9,7 @@ training statistics after each step. Coefficients are checkpointed with the trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
@@ -72,6 +72,10 @@ def make_coefficient(coef: float | Coefficient, warmup_steps: int = 0) -> Coeffi
 
 class LossTerm:
     """A weighted term of the training loss. Subclasses define `per_token` or `__call__`."""
+
+    # Keys of `SAEOutput.extras` this term reads; checked against the architecture's
+    # `SAE.provides` when the config is read (posae.losses.check_contracts).
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, coef: float | Coefficient = 1.0, warmup_steps: int = 0):
         self.coefficient = make_coefficient(coef, warmup_steps)

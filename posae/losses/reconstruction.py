@@ -15,6 +15,8 @@ class MSE(LossTerm):
 class GatedAux(LossTerm):
     """Gated SAE auxiliary loss ‖x - x̂_frozen(ReLU(π_gate))‖² (Rajamanoharan et al. 2024, eq. 8)."""
 
+    requires = ("aux_x_hat",)
+
     def per_token(self, out, batch, ctx):
         return (out.extras["aux_x_hat"].float() - batch.x).pow(2).sum(-1)
 

@@ -35,23 +35,43 @@ class AdjacentDifference(LossTerm):
 
 
 class WindowConsistency(LossTerm):
-    """TC-SAE's L_temp (003 eq. 6) over every sliding window of `window` consecutive tokens:
-    (1/(T-1)) Σ_{t} ‖z_t - z_{t+1}‖² within the window, for windows whose T tokens all
-    count; windows are anchored at their first token."""
+    """TC-SAE's temporal consistency (003 §4.2, eq. 6) over windows of T = `window`
+    consecutive counted tokens of one sequence, one window ending at each token t whose
+    T - 1 predecessors all count (the "temporal buffer" {z_{t-T+1}, …, z_t}).
 
-    def __init__(self, coef: float = 0.1, window: int = 5, warmup_steps: int = 0):
+    form=window_mean (default): ‖z_t - (1/T) Σ_{s=t-T+1}^{t} z_s‖², "the difference between
+        current features and their temporal average", 003's words for eq. 6. T sets how
+        much history the average holds, which is what 003's T = 5 vs 3 ablation varies.
+    form=adjacent: (1/(T-1)) Σ_{s=t-T+1}^{t-1} ‖z_s - z_{s+1}‖², eq. 6's formula inside each
+        window. Summed over stride-1 windows every inner pair is counted T - 1 times, so this
+        is the adjacent-pair loss up to the sequence ends: T barely matters.
+    """
+
+    FORMS = ("window_mean", "adjacent")
+
+    def __init__(self, coef: float = 0.1, window: int = 5, form: str = "window_mean",
+                 warmup_steps: int = 0):
         super().__init__(coef, warmup_steps)
         if window < 2:
             raise ValueError("loss.temporal_window.window must be at least 2")
-        self.window = window
+        if form not in self.FORMS:
+            raise ValueError(f"loss.temporal_window.form: {form!r} is not one of "
+                             f"{', '.join(self.FORMS)}")
+        self.window, self.form = window, form
 
     def __call__(self, out, batch, ctx: StepContext) -> Tensor:
         n_pairs = self.window - 1
         if out.f.shape[1] < self.window:
             return out.f.new_zeros(())
         ones = torch.ones(1, 1, n_pairs, device=out.f.device)
-        per_pair = adjacent_sq_diff(out.f)[:, None]
         pairs = valid_pairs(batch.mask, batch.pos).float()[:, None]
-        window_sum = F.conv1d(per_pair, ones).squeeze(1)
+        # complete[:, j]: the window of tokens j .. j + T - 1 has all its pairs valid
         complete = F.conv1d(pairs, ones).squeeze(1) == n_pairs
-        return (window_sum * complete).sum() / n_pairs / ctx.n_tokens
+        if self.form == "adjacent":
+            window_sum = F.conv1d(adjacent_sq_diff(out.f)[:, None], ones).squeeze(1)
+            return (window_sum * complete).sum() / n_pairs / ctx.n_tokens
+        f = out.f.float()
+        csum = F.pad(f.cumsum(1), (0, 0, 1, 0))
+        window_mean = (csum[:, self.window :] - csum[:, : -self.window]) / self.window
+        deviation = (f[:, n_pairs:] - window_mean).pow(2).sum(-1)
+        return (deviation * complete).sum() / ctx.n_tokens

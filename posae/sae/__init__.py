@@ -60,6 +60,7 @@ def sae_config(variant, d_in: int) -> SAEConfig:
                          ("decoder_init", ("normal", "orthogonal"))):
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"variant.{key}: {getattr(cfg, key)!r} is not one of {choices}")
+    cfg.validate()
     return cfg
 
 

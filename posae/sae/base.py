@@ -58,6 +58,10 @@ class SAEConfig:
     def d_sae(self) -> int:
         return self.width or self.expansion_factor * self.d_in
 
+    def validate(self) -> None:
+        """Raise ConfigError naming the `variant.` key when the architecture cannot be built
+        with these values; called when the config is read, before any compute."""
+
     @property
     def arch(self) -> str:
         return self.architecture or self.name
@@ -85,6 +89,9 @@ class SAEOutput:
 
 class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # Keys this architecture's forward puts in `SAEOutput.extras`; a loss term that reads
+    # one (`LossTerm.requires`) is refused at config time with an architecture lacking it.
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -107,6 +114,18 @@ class SAE(nn.Module):
     def before_step(self, step: int) -> None:
         """Called by the trainer before each training forward; for state that follows the
         step (a curriculum) or the previous step's gradients. Default: nothing."""
+
+    def set_token_gradient_scale(self, scale: float) -> None:
+        """The factor that turns a gradient of this step's training loss into the gradient
+        of one token's loss: the loss is a mean over `n` tokens (x n) and may carry an fp16
+        loss scale (÷ scale). Set by the trainer before each forward; only architectures that
+        read gradients of their codes (PA-SAE) use it."""
+
+    def mechanism_state(self) -> dict[str, float]:
+        """Scalars that show whether this architecture's own mechanisms move (mask
+        statistics, adaptive rates, routing norm, curriculum α), logged as `mech/<name>`
+        at each log step and kept in train_summary.json. Default: none."""
+        return {}
 
     def pre_activations(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)

@@ -33,6 +33,7 @@ class CurriculumConfig(PositionalConfig):
 
 class CurriculumSAE(SAE):
     config_class = CurriculumConfig
+    provides = frozenset({"l1_codes", "adapter_delta", "curriculum"})
 
     def __init__(self, cfg: CurriculumConfig):
         super().__init__(cfg)
@@ -47,6 +48,9 @@ class CurriculumSAE(SAE):
 
     def before_step(self, step: int) -> None:
         self.curriculum.fill_(self.ramp(step))
+
+    def mechanism_state(self) -> dict[str, float]:
+        return {"curriculum_alpha": self.curriculum.item()}
 
     def position_range(self, pos: Tensor) -> Tensor:
         return position_range(pos, self.cfg.n_ranges, self.cfg.context_size)

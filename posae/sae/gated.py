@@ -19,6 +19,8 @@ from posae.sae.base import SAE, SAEOutput
 
 
 class GatedSAE(SAE):
+    provides = frozenset({"l1_codes", "aux_x_hat"})
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))

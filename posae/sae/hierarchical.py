@@ -2,16 +2,22 @@
 
     f_g = ReLU(W_g (x - b_dec) + b_g)                       global half, k/2 latents (eq. 2)
     f_p = ReLU(W_p (x - b_dec + p_t) + b_p)                 positional half, k/2   (eq. 3)
-    α_t = MultiHead(Q = p_t W_Q, K = P W_K, V = P W_V)      attention routing      (eq. 4)
+    α_t = MultiHead(Q = p_t W_Q, K = P W_K, V = P W_V) W_O  attention routing      (eq. 4)
     g_t = sigmoid(w_t)                                      learned gate           (eq. 4)
     f   = [f_g ; g_t ⊙ (f_p + α_t)],   x̂ = W_dec f + b_dec                         (eq. 5-6)
 
 P [L, d] is the learned position embedding (p_t its row t); `variant.position_embedding`,
 `variant.routing` and `variant.gate` switch each mechanism off for ablations. Reading
 (docs/variants.md): 002 does not say what the routing attends over; here each position's
-query attends over all L position embeddings (8 heads, key/query dim 64), so α_t is a
-learned, position-dependent offset of the positional codes computed by attention, and
-every token's codes still depend on that token alone. w_t is a learned [L, k/2] gate.
+query attends over all L position embeddings, as standard multi-head attention (Vaswani
+et al. 2017): 8 heads, each with its own query, key and value projections of dim 64, the
+heads concatenated and mapped to the k/2 positional latents by W_O. α_t is a learned,
+position-dependent offset of the positional codes; every token's codes still depend on
+that token alone. w_t is a learned [L, k/2] gate.
+
+Initialisation: P ~ N(0, 0.02²) (as GPT-2's position embedding), so that attention over it
+has a gradient even when eq. 3 does not use it (`position_embedding=false`); W_O = 0, so
+routing starts as a no-op and W_O's gradient, (attention output)ᵀ ∂L/∂α, is not zero.
 The centring on b_dec follows the baseline; W_g and W_p are the two halves of W_enc.
 """
 
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from posae.config import ConfigError
 from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
 
 
@@ -34,25 +41,29 @@ class HierarchicalConfig(PositionalConfig):
     routing: bool = True
     gate: bool = True
 
+    def validate(self) -> None:
+        if self.d_sae % 2:
+            raise ConfigError(f"variant: the hierarchical SAE needs an even number of latents, "
+                              f"got {self.d_sae}")
+
 
 class HierarchicalSAE(SAE):
     config_class = HierarchicalConfig
 
     def __init__(self, cfg: HierarchicalConfig):
         super().__init__(cfg)
-        if cfg.d_sae % 2:
-            raise ValueError("variant: the hierarchical SAE needs an even number of latents")
         L, d, half = cfg.context_size, cfg.d_in, cfg.d_sae // 2
         # only the switched-on mechanisms get parameters (data parallelism needs every
         # parameter to receive a gradient)
         if cfg.position_embedding or cfg.routing:
-            self.position_embedding = nn.Parameter(torch.zeros(L, d))
+            self.position_embedding = nn.Parameter(torch.randn(L, d) * 0.02)
         if cfg.routing:
             inner = cfg.heads * cfg.head_dim
             self.query = nn.Linear(d, inner, bias=False)
             self.key = nn.Linear(d, inner, bias=False)
-            self.value = nn.Linear(d, half, bias=False)
-            nn.init.zeros_(self.value.weight)  # routing starts as a no-op
+            self.value = nn.Linear(d, inner, bias=False)
+            self.output = nn.Linear(inner, half, bias=False)
+            nn.init.zeros_(self.output.weight)  # routing starts as a no-op
         if cfg.gate:
             self.gate_logits = nn.Parameter(torch.zeros(L, half))
 
@@ -63,10 +74,11 @@ class HierarchicalSAE(SAE):
     def routing(self) -> Tensor:
         """α for every position: [L, k/2]."""
         P, h, e = self.position_embedding, self.cfg.heads, self.cfg.head_dim
-        q = self.query(P).view(-1, h, e).transpose(0, 1)
-        k = self.key(P).view(-1, h, e).transpose(0, 1)
+        q, k, v = (proj(P).view(-1, h, e).transpose(0, 1)
+                   for proj in (self.query, self.key, self.value))
         weights = torch.softmax(q @ k.transpose(1, 2) / self.cfg.d_in ** 0.5, dim=-1)
-        return weights.mean(0) @ self.value(P)
+        heads = (weights @ v).transpose(0, 1).reshape(len(P), h * e)
+        return self.output(heads)
 
     def position_tables(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per-position [L, k] tables (shift, scale, offset) with
@@ -94,6 +106,17 @@ class HierarchicalSAE(SAE):
         f = torch.relu(pre) * per_position(scale, pos) + per_position(offset, pos)
         return SAEOutput(self.decode(f), f, pre, {"global_codes": f[..., : self.half],
                                                   "positional_codes": f[..., self.half :]})
+
+    @torch.no_grad()
+    def mechanism_state(self) -> dict[str, float]:
+        state = {}
+        if hasattr(self, "position_embedding"):
+            state["position_embedding_norm"] = self.position_embedding.norm(dim=-1).mean().item()
+        if self.cfg.routing:
+            state["routing_norm"] = self.routing().norm(dim=-1).mean().item()
+        if self.cfg.gate:
+            state["gate_mean"] = torch.sigmoid(self.gate_logits).mean().item()
+        return state
 
     def encode(self, x, pos=None, mask=None):
         return self.forward(x, pos, mask).f

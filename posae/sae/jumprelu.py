@@ -62,6 +62,7 @@ class _Step(torch.autograd.Function):
 
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
+    provides = frozenset({"l0"})
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -74,6 +75,10 @@ class JumpReLUSAE(SAE):
 
     def activation(self, pre, mask=None):
         return _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
+
+    @torch.no_grad()
+    def mechanism_state(self) -> dict[str, float]:
+        return {"threshold_mean": self.threshold.mean().item()}
 
     def forward(self, x, pos=None, mask=None) -> SAEOutput:
         pre = self.pre_activations(x, pos)

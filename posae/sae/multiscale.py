@@ -14,12 +14,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from posae.config import ConfigError
 from posae.sae.base import SAE, SAEConfig, SAEOutput
 
 
 @dataclass
 class MultiScaleConfig(SAEConfig):
     scales: list[int] = field(default_factory=lambda: [1, 4, 16])
+
+    def validate(self) -> None:
+        if not self.scales or min(self.scales) < 1:
+            raise ConfigError(f"variant.scales: positive token counts, got {self.scales}")
+        if self.d_sae % len(self.scales):
+            raise ConfigError(f"variant: the width {self.d_sae} must split evenly across "
+                              f"variant.scales={self.scales}")
 
 
 def causal_means(x: Tensor, mask: Tensor, scale: int) -> Tensor:
@@ -36,11 +44,6 @@ def causal_means(x: Tensor, mask: Tensor, scale: int) -> Tensor:
 
 class MultiScaleSAE(SAE):
     config_class = MultiScaleConfig
-
-    def __init__(self, cfg: MultiScaleConfig):
-        super().__init__(cfg)
-        if cfg.d_sae % len(cfg.scales):
-            raise ValueError("variant: the width must split evenly across variant.scales")
 
     def pre_activations(self, x, pos=None, mask=None):
         mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if mask is None else mask

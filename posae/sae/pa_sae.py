@@ -1,37 +1,52 @@
 """PA-SAE (000): position-specific feature masks, adaptive per-position rates, and the
 gradient statistics behind its importance-weighted L1.
 
-    f_l = ReLU(m_l ⊙ pre · α_l / α_0)                                (000 eq. 2-3)
+    f_l = ReLU(m_l ⊙ pre)                                            (000 eq. 2-3)
       m_l = sigmoid(M_l) (soft) | 1[sigmoid(M_l) > 1/2] with a straight-through gradient
             (hard) | 1 (mask: none);  M ∈ R^{L×k} learned logits
+    ∂L/∂f_l ← ∂L/∂f_l · α_l / α_0 in the backward pass: α_l is the learning rate of what
+            tokens at position l teach latent i
     α_l ← clip(α_l (1 + γ (g_l - mean_l g_l)), α_min, α_max)          (000 eq. 4)
     EMA_l ← β EMA_l + (1 - β) g_l;  w = softmax over positions of EMA (000 eq. 6)
 
-g_{l,i} is the mean |∂L/∂f_{l,i}| at position l over the last step's tokens, captured by a
-gradient hook on the codes and applied in `before_step` (all-reduced across processes).
-Readings (docs/variants.md): α and w are per (position, latent), as 000 §5.1 sizes them;
-α is not an optimiser setting but a buffer that multiplies the pre-activations, divided by
-its initial value α_0 so that training starts from the baseline's scale; w is handed to the
-`importance_l1` term as L·w, so uniform weights give the plain L1.
+g_{l,i} is the mean over the last step's tokens at position l of the per-token gradient
+|∂L_token/∂f_{l,i}|: a gradient hook on the codes reads ∂L/∂f of the batch-mean loss and
+multiplies it by the trainer's token-gradient scale (the number of tokens the loss averages,
+÷ any fp16 loss scale), so that γ = 0.01 and the bounds 0.001–0.1 act on gradients of the
+size 000 means. The statistics are summed over processes and applied in `before_step`.
+Readings (docs/variants.md): α and w are per (position, latent), as 000 §5.1 sizes them.
+000 calls α "position-specific learning rates" and leaves it out of eq. 3, so the forward
+pass is eq. 3 as written and α scales the gradient that flows back through f_{l,i} (÷ α_0,
+so that training starts at the optimiser's own rate): a per-(position, latent) learning
+rate, bounded to 0.1–10× by α_min and α_max. (Multiplying the pre-activations by α/α_0
+instead, our first reading, is unstable with per-token gradients: rates grow where the
+error is large, which makes codes and error larger.) w is handed to the `importance_l1`
+term as L·w, so uniform weights give the plain L1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from posae.config import ConfigError
 from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
+
+INITIAL_MASK_LOGIT = {"soft": 2.0, "hard": 0.05, "none": 0.0}
 
 
 @dataclass
 class PASAEConfig(PositionalConfig):
     # soft | hard | none
     mask: str = "soft"
-    # initial mask logits: sigmoid(2) = 0.88, every feature open at every position
-    mask_init: float = 2.0
+    # Initial mask logits M. null: 2.0 for soft masks (sigmoid 0.88, every latent open) and
+    # 0.05 for hard masks (open, 0.05 from the threshold: Adam moves a logit by about lr a
+    # step, so at 2.0 a hard mask could not close within 000's ~4,900 steps at 3e-4).
+    mask_init: Optional[float] = None
     adaptive_rates: bool = True
     rate_init: float = 0.01
     rate_min: float = 0.001
@@ -39,20 +54,34 @@ class PASAEConfig(PositionalConfig):
     rate_gamma: float = 0.01
     importance_beta: float = 0.9
 
+    @property
+    def initial_mask_logit(self) -> float:
+        return INITIAL_MASK_LOGIT[self.mask] if self.mask_init is None else self.mask_init
+
+    def validate(self) -> None:
+        if self.mask not in INITIAL_MASK_LOGIT:
+            raise ConfigError(f"variant.mask: {self.mask!r} is not one of soft, hard, none")
+        if not 0 < self.rate_min <= self.rate_init <= self.rate_max:
+            raise ConfigError(f"variant.rate_init: needs 0 < rate_min <= rate_init <= rate_max, "
+                              f"got {self.rate_min}, {self.rate_init}, {self.rate_max}")
+
 
 class PASAE(SAE):
     config_class = PASAEConfig
+    provides = frozenset({"position_weights"})
 
     def __init__(self, cfg: PASAEConfig):
         super().__init__(cfg)
-        if cfg.mask not in ("soft", "hard", "none"):
-            raise ValueError(f"variant.mask: {cfg.mask!r} is not one of soft, hard, none")
         L, k = cfg.context_size, cfg.d_sae
-        self.mask_logits = nn.Parameter(torch.full((L, k), cfg.mask_init))
+        self.mask_logits = nn.Parameter(torch.full((L, k), cfg.initial_mask_logit))
         self.register_buffer("rates", torch.full((L, k), cfg.rate_init))
         self.register_buffer("importance_ema", torch.zeros(L, k))
         self.register_buffer("grad_sum", torch.zeros(L, k))
         self.register_buffer("grad_count", torch.zeros(L))
+        self.token_gradient_scale = 1.0
+
+    def set_token_gradient_scale(self, scale: float) -> None:
+        self.token_gradient_scale = float(scale)
 
     def position_mask(self, pos: Tensor) -> Tensor:
         if self.cfg.mask == "none":
@@ -62,45 +91,45 @@ class PASAE(SAE):
             return soft
         return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
 
-    def scaled_pre(self, pre: Tensor, pos: Tensor) -> Tensor:
-        scale = self.position_mask(pos)
-        if self.cfg.adaptive_rates:
-            scale = scale * per_position(self.rates, pos) / self.cfg.rate_init
-        return pre * scale
-
     def encode(self, x, pos=None, mask=None):
         if pos is None:
             raise ValueError("PA-SAE needs token positions")
-        return torch.relu(self.scaled_pre(self.pre_activations(x), pos))
+        return torch.relu(self.position_mask(pos) * self.pre_activations(x))
 
     def forward(self, x, pos=None, mask=None) -> SAEOutput:
         if pos is None:
             raise ValueError("PA-SAE needs token positions")
         pre = self.pre_activations(x)
-        f = torch.relu(self.scaled_pre(pre, pos))
+        f = torch.relu(self.position_mask(pos) * pre)
         if self.training and f.requires_grad:
             counted = torch.ones_like(pos, dtype=f.dtype) if mask is None else mask.to(f.dtype)
-            f.register_hook(lambda grad: self._record_gradients(grad, pos, counted))
+            f.register_hook(lambda grad: self._on_code_gradient(grad, pos, counted))
         weights = self.cfg.context_size * per_position(torch.softmax(self.importance_ema, 0), pos)
         return SAEOutput(self.decode(f), f, pre, {"position_weights": weights})
 
     @torch.no_grad()
-    def _record_gradients(self, grad: Tensor, pos: Tensor, counted: Tensor) -> None:
-        self.grad_sum.index_add_(0, pos.flatten(),
-                                 (grad.abs() * counted[..., None]).flatten(0, 1).float())
+    def _on_code_gradient(self, grad: Tensor, pos: Tensor, counted: Tensor) -> Tensor:
+        """Record the per-token gradient statistics of eq. 4 and 6, and return the gradient
+        scaled by each (position, latent)'s learning rate α/α_0."""
+        per_token = grad.abs().float() * self.token_gradient_scale * counted[..., None]
+        self.grad_sum.index_add_(0, pos.flatten(), per_token.flatten(0, 1))
         self.grad_count.index_add_(0, pos.flatten(), counted.flatten().float())
+        if not self.cfg.adaptive_rates:
+            return grad
+        return grad * (per_position(self.rates, pos) / self.cfg.rate_init).to(grad.dtype)
 
     @torch.no_grad()
     def before_step(self, step: int) -> None:
-        """Apply eq. 4 and eq. 6 with the gradients recorded in the previous step."""
+        """Apply eq. 4 and eq. 6 with the per-token gradients recorded in the previous step."""
         if dist.is_available() and dist.is_initialized():
-            # each process saw world x the gradient of its tokens (its loss is normalised by
-            # its share of the global batch), so the sum over processes is divided by world
             dist.all_reduce(self.grad_sum)
             dist.all_reduce(self.grad_count)
-            self.grad_sum /= dist.get_world_size()
         seen = self.grad_count > 0
-        if not seen.any():
+        if not seen.any() or not bool(self.grad_sum.isfinite().all()):
+            # nothing recorded, or an fp16 step whose gradients overflowed (the optimiser
+            # skips that step too)
+            self.grad_sum.zero_()
+            self.grad_count.zero_()
             return
         g = self.grad_sum[seen] / self.grad_count[seen, None]
         if self.cfg.adaptive_rates:
@@ -111,3 +140,19 @@ class PASAE(SAE):
         self.importance_ema[seen] = beta * self.importance_ema[seen] + (1 - beta) * g
         self.grad_sum.zero_()
         self.grad_count.zero_()
+
+    @torch.no_grad()
+    def mechanism_state(self) -> dict[str, float]:
+        state = {}
+        if self.cfg.mask != "none":
+            soft = torch.sigmoid(self.mask_logits)
+            state["mask_mean"] = soft.mean().item()
+            state["mask_open_fraction"] = (soft > 0.5).float().mean().item()
+        if self.cfg.adaptive_rates:
+            state.update(rate_min=self.rates.min().item(), rate_mean=self.rates.mean().item(),
+                         rate_max=self.rates.max().item())
+        weights = self.cfg.context_size * torch.softmax(self.importance_ema, 0)
+        state.update(importance_weight_min=weights.min().item(),
+                     importance_weight_max=weights.max().item(),
+                     importance_weight_std=weights.std().item())
+        return state

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from posae.config import ConfigError
 from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position, position_range
 
 
@@ -28,6 +29,12 @@ class PositionMaskedConfig(PositionalConfig):
     n_ranges: int = 4
     sigma: Optional[float] = None
     schedule_steps: int = 0
+
+    def validate(self) -> None:
+        if self.mask not in ("hard", "gaussian"):
+            raise ConfigError(f"variant.mask: {self.mask!r} is not one of hard, gaussian")
+        if not 1 <= self.n_ranges <= self.context_size:
+            raise ConfigError(f"variant.n_ranges: must be in 1..context_size, got {self.n_ranges}")
 
 
 class PositionMaskedSAE(SAE):
@@ -40,18 +47,20 @@ class PositionMaskedSAE(SAE):
         if cfg.mask == "hard":
             group = torch.arange(k) * cfg.n_ranges // k
             mask = (position_range(t.long(), cfg.n_ranges, L) == group).float()
-        elif cfg.mask == "gaussian":
+        else:
             centre = (torch.arange(k, dtype=torch.float32) + 0.5) * L / k
             sigma = cfg.sigma or L / 8
             mask = torch.exp(-((t - centre) ** 2) / (2 * sigma ** 2))
-        else:
-            raise ValueError(f"variant.mask: {cfg.mask!r} is not one of hard, gaussian")
         self.register_buffer("mask", mask, persistent=False)
         self.register_buffer("strength", torch.tensor(1.0 if cfg.schedule_steps == 0 else 0.0))
 
     def before_step(self, step: int) -> None:
         if self.cfg.schedule_steps:
             self.strength.fill_(min(1.0, step / self.cfg.schedule_steps))
+
+    def mechanism_state(self) -> dict[str, float]:
+        return {"mask_strength": self.strength.item(),
+                "mask_mean": (1 - self.strength * (1 - self.mask)).mean().item()}
 
     def effective_mask(self, pos: Tensor) -> Tensor:
         return 1 - self.strength * (1 - per_position(self.mask, pos))
@@ -96,3 +105,11 @@ class RangeEncoderSAE(SAE):
 
     def activation(self, pre, mask=None):
         return torch.relu(pre)
+
+    @torch.no_grad()
+    def mechanism_state(self) -> dict[str, float]:
+        """How far the range encoders have moved apart (0 at the start, all copies of one):
+        the mean over ranges of ‖W_r - mean_r W_r‖ / ‖mean_r W_r‖."""
+        centre = self.W_enc.mean(0)
+        return {"encoder_spread": ((self.W_enc - centre).norm(dim=(1, 2)).mean()
+                                   / centre.norm()).item()}

@@ -12,12 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from posae.config import ConfigError
 from posae.sae.base import SAE, SAEConfig, SAEOutput
 
 
 @dataclass
 class TopKConfig(SAEConfig):
     k: int = 32
+
+    def validate(self) -> None:
+        if not 1 <= self.k <= self.d_sae:
+            raise ConfigError(f"variant.k: must be in 1..{self.d_sae} (the width), got {self.k}")
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
@@ -110,6 +115,9 @@ class BatchTopKSAE(SAE):
     def _dense(pre: Tensor, tokens: Tensor, latents: Tensor, values: Tensor) -> Tensor:
         flat = torch.zeros_like(pre).view(-1, pre.shape[-1])
         return flat.index_put((tokens, latents), values.to(pre.dtype)).view_as(pre)
+
+    def mechanism_state(self) -> dict[str, float]:
+        return {"threshold": self.threshold.item()}
 
     @torch.no_grad()
     def _update_threshold(self, selected: Tensor) -> None:

@@ -5,6 +5,13 @@ Each step: this process's share of the global batch → SAE forward (bf16 autoca
 (gradients averaged across processes) → decoder-gradient projection, clipping, optimiser
 and LR step → unit-norm decoder → global statistics (losses, L0, firing) → dead-latent
 tracker and coefficient controllers. Checkpoints every N steps and on SIGTERM/SIGINT.
+At each log step the statistics, with every mechanism's state (`mech/...`, from
+`SAE.mechanism_state`) and the resampling record (`resample/...`), go to the logger and
+to the run folder's `train_log.jsonl`.
+
+Resampling (`trainer.resample_every` = r) happens after steps r, 2r, … but never in the
+last r steps: a re-initialised latent always gets a full interval to recover before the
+run ends, at every scale.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from posae.training.dead import DeadLatents
 from posae.training.host_memory import keep_freed_host_memory
 from posae.training.resampling import PositionActivity, lowest_fraction, resample_latents
 from posae.training.schedule import lr_multiplier
+from posae.training.step_log import StepLog
 
 
 class TrainingInterrupted(Exception):
@@ -87,6 +95,8 @@ class Trainer:
         self.step = 0
         self.stop_signal = 0
         self.last_stats: dict[str, float] = {}
+        self.resampled = {"resample/rounds": 0.0}
+        self.step_log = StepLog(run_dir, accelerator.is_main_process)
 
     # ----- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -98,6 +108,7 @@ class Trainer:
             "order": self.order.state_dict(),
             "dead": self.dead.state_dict(),
             "activity": self.activity.state_dict() if self.activity else {},
+            "resampled": dict(self.resampled),
             "coefficients": {n: t.coefficient.state_dict() for n, t in self.terms.items()},
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
             "wandb_run_id": self.logger.run_id,
@@ -112,6 +123,7 @@ class Trainer:
         self.dead.load_state_dict(state["dead"])
         if self.activity:
             self.activity.load_state_dict(state["activity"])
+        self.resampled = dict(state["resampled"])
         for name, term in self.terms.items():
             term.coefficient.load_state_dict(state["coefficients"][name])
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -136,6 +148,8 @@ class Trainer:
         ctx = StepContext(self.step, max(n_global, 1.0) / self.world, self.sae, self.dead.dead)
         coefs = {name: term.coefficient(self.step) for name, term in self.terms.items()}
         self.sae.before_step(self.step)
+        scaler = self.accelerator.scaler
+        self.sae.set_token_gradient_scale(ctx.n_tokens / (scaler.get_scale() if scaler else 1.0))
         local = 0
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -159,7 +173,7 @@ class Trainer:
             self.sae.normalize_decoder_()
         stats = self._global_stats(local, list(values), coefs, n_global)
         self.step += 1
-        if self.cfg.resample_every and self.step % self.cfg.resample_every == 0:
+        if self.resampling_due():
             self._resample(batch, out.x_hat.detach())
         for term in self.terms.values():
             term.coefficient.update(stats)
@@ -192,6 +206,28 @@ class Trainer:
         stats["lr"] = self.scheduler.get_last_lr()[0]
         return stats
 
+    def resampling_due(self) -> bool:
+        every = self.cfg.resample_every
+        return bool(every) and self.step % every == 0 and self.step + every <= self.total_steps
+
+    def mechanism_stats(self) -> dict[str, float]:
+        """The state of every mechanism: the SAE's own (`mech/`), the resampling record."""
+        stats = {f"mech/{name}": value for name, value in self.sae.mechanism_state().items()}
+        if self.cfg.resample_every:
+            stats.update(self.resampled)
+        return stats
+
+    @torch.no_grad()
+    def _explained_variance(self, batch) -> float:
+        """1 - FVU of the SAE in inference mode on this process's piece of the batch, counted
+        tokens only (inference mode: no training state such as BatchTopK's threshold moves)."""
+        x = batch.x[batch.mask].float()
+        self.sae.eval()
+        with self.accelerator.autocast():
+            x_hat = self.sae(batch.x, batch.pos, batch.mask).x_hat[batch.mask].float()
+        self.sae.train()
+        return 1 - ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
+
     def _resample(self, batch, x_hat) -> None:
         if self.activity:
             self.activity.sums.copy_(self.accelerator.reduce(self.activity.sums, "sum"))
@@ -205,10 +241,16 @@ class Trainer:
             return
         x = batch.x[batch.mask]
         scores = (x - x_hat[batch.mask].float()).pow(2).sum(-1).pow(2)
+        ev_before = self._explained_variance(batch)
         resample_latents(self.sae, self.optimizer.optimizer, latents, x, scores, self.generator)
         for param in (self.sae.W_enc, self.sae.W_dec, self.sae.b_enc):
             param.data.copy_(broadcast(param.data, from_process=0))
         self.dead.tokens_since_fired[latents] = 0
+        self.resampled = {"resample/rounds": self.resampled["resample/rounds"] + 1,
+                          "resample/step": float(self.step),
+                          "resample/latents": float(latents.numel()),
+                          "resample/ev_before": ev_before,
+                          "resample/ev_after": self._explained_variance(batch)}
 
     # ----- the loop ----------------------------------------------------------------------
     def fit(self) -> float:
@@ -219,12 +261,15 @@ class Trainer:
                    unit="tok", unit_scale=True, desc="training", dynamic_ncols=True,
                    disable=not self.accelerator.is_main_process)
         start = time.perf_counter()
+        self.step_log.truncate_after(self.step)
         try:
             while self.step < self.total_steps:
                 stats = self.last_stats = self.train_step()
                 bar.update(tokens_per_step)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    stats.update(self.mechanism_stats())
                     self.logger.log(stats, self.step)
+                    self.step_log.write(self.step, stats)
                     bar.set_postfix(loss=f"{stats['loss/total']:.3g}", l0=f"{stats['l0']:.1f}",
                                     dead=f"{stats['dead_fraction']:.2f}")
                 stop = self.accelerator.reduce(
@@ -234,6 +279,7 @@ class Trainer:
                 if stop.item():
                     raise TrainingInterrupted(self.stop_signal or signal.SIGTERM)
             self.sae.before_step(self.step)  # apply pending state before the SAE is saved
+            self.last_stats.update(self.mechanism_stats())
         finally:
             bar.close()
             for sig, handler in previous.items():
