@@ -16,6 +16,7 @@ from posae.eval.structure import (
     position_decodability,
     position_specificity,
     profile_clusters,
+    specificity,
     specificity_summary,
 )
 from posae.sae import REGISTRY, build_sae
@@ -68,6 +69,50 @@ def test_adjacent_stability_counts_only_consecutive_counted_pairs():
     assert temporal["adjacent_code_cosine"] == pytest.approx(0.5)
 
 
+def planted_codes_batch(persistent: bool, b=64, t=64, k=200, rate=0.08, seed=0):
+    """An SAE-free batch whose "codes" are the input itself: x = f, identity decoding."""
+    g = torch.Generator().manual_seed(seed)
+    if persistent:  # each latent holds its state for runs of ~10 tokens
+        state = (torch.rand(b, 1, k, generator=g) < rate).float()
+        steps = []
+        for _ in range(t):
+            flip = torch.rand(b, 1, k, generator=g) < 0.1
+            fresh = (torch.rand(b, 1, k, generator=g) < rate).float()
+            state = torch.where(flip, fresh, state)
+            steps.append(state)
+        on = torch.cat(steps, 1)
+    else:
+        on = (torch.rand(b, t, k, generator=g) < rate).float()
+    f = on * torch.rand(b, t, k, generator=g)
+    return Batch(f, torch.arange(t).expand(b, t), torch.ones(b, t, dtype=bool),
+                 torch.zeros(b, t, dtype=torch.long))
+
+
+class CodesAreInputs(torch.nn.Module):
+    """f = x, x̂ = x: the held-out pass then measures the planted codes themselves."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.cfg = REGISTRY["relu"].config_class(name="relu", d_in=k, width=k)
+
+    def forward(self, x, pos=None, mask=None):
+        from posae.sae.base import SAEOutput
+
+        return SAEOutput(x, x, x)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_adjacent_stability_is_reported_against_chance(persistent):
+    temporal = held_out_pass(CodesAreInputs(200), [planted_codes_batch(persistent)],
+                             64)["temporal"]
+    for name in ("adjacent_jaccard", "adjacent_code_cosine"):
+        assert 0 < temporal[f"{name}_chance"] < 0.2  # independent tokens at density 0.08
+        if persistent:
+            assert temporal[f"{name}_corrected"] > 0.5
+        else:
+            assert abs(temporal[f"{name}_corrected"]) < 0.02
+
+
 def test_per_position_curves_follow_the_error_at_each_position():
     batches = random_batches(n=1)
     batches[0].x[:, 5] *= 10  # x̂ = 0: the error is largest where x is
@@ -77,28 +122,60 @@ def test_per_position_curves_follow_the_error_at_each_position():
     x = batches[0].x.double()
     assert curves["mse"][2] == pytest.approx(x[:, 2].pow(2).sum(-1).mean().item())
     assert curves["mse"][15] == pytest.approx(x[1:, 15].pow(2).sum(-1).mean().item())  # masked
-    assert max(curves["explained_variance"]) <= 0
+    assert all(math.isnan(ev) for ev in curves["explained_variance"])  # < 20 tokens each
+    many = held_out_pass(zero_sae(8), random_batches(n=1, b=24), 16)["by_position"]
+    assert max(many["explained_variance"]) <= 0  # 24 tokens at every position
     assert held_out_pass(identity_sae(8), batches, 16)["by_position"]["l0"][0] == 8
 
 
-def test_specificity_is_one_minus_normalised_entropy():
-    T, mean_activation = 128, np.zeros((128, 3))
-    mean_activation[10:21, 0] = 1.0            # active only at positions 10-20
-    mean_activation[:, 1] = 0.7                # the same at every position
-    spec = position_specificity(mean_activation)
+def test_specificity_is_one_minus_normalised_entropy_of_the_firing_rate():
+    T = 128
+    tokens = np.full(T, 100)
+    counts = np.zeros((T, 2), int)
+    counts[10:21, 0] = 30                      # fires only at positions 10-20
+    counts[:, 1] = 7                           # the same rate at every position
+    spec = specificity(counts.T, tokens)
     assert spec[0] == pytest.approx(1 - math.log(11) / math.log(T))
-    assert spec[0] > 0.5  # counted as position-specialised
     assert spec[1] == pytest.approx(0.0, abs=1e-12)
-    assert np.isnan(spec[2])  # never active
-    one_position = np.zeros((T, 1))
-    one_position[40] = 2.0
-    assert position_specificity(one_position)[0] == pytest.approx(1.0)
-    summary = specificity_summary(spec)
-    assert summary["position_specialised_fraction"] == 0.5 and summary["n_scored_latents"] == 2
-    # a latent seen on fewer than MIN_FIRES tokens is not scored: one firing looks specific
-    rare = position_specificity(one_position, fires=np.array([3]))
-    assert np.isnan(rare[0])
-    assert position_specificity(one_position, fires=np.array([50]))[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fires", [20, 100, 1000])
+def test_a_position_independent_latent_is_at_its_null_and_never_specialised(fires):
+    """The sampling-noise floor: raw specificity is well above 0 at few fires (about 0.45 at
+    20), the corrected value is about 0 and no latent counts as specialised."""
+    rng = np.random.default_rng(fires)
+    T, latents = 128, 200
+    tokens = rng.integers(150, 250, T)
+    counts = rng.multinomial(fires, tokens / tokens.sum(), size=latents).T  # [T, latents]
+    result = position_specificity(counts, tokens)
+    summary = specificity_summary(result)
+    if fires == 20:
+        assert summary["mean_position_specificity"] > 0.3  # the floor the null removes
+    assert abs(summary["mean_corrected_specificity"]) < 0.05
+    assert summary["n_specialised_latents"] == 0
+
+
+def test_a_latent_confined_to_positions_10_to_20_is_specialised():
+    rng = np.random.default_rng(0)
+    tokens = np.full(128, 200)
+    counts = rng.multinomial(300, tokens / tokens.sum(), size=50).T
+    counts[:, 0] = 0
+    counts[10:21, 0] = rng.integers(5, 30, 11)  # fires at 11 positions of 128 only
+    result = position_specificity(counts, tokens)
+    assert result["specialised"][0] and result["corrected"][0] > 0.4
+    assert not result["specialised"][1:].any()
+    rare = counts.copy()
+    rare[:, 0] = 0
+    rare[40, 0] = 3  # fewer than MIN_FIRES fires: not scored, however specific it looks
+    assert np.isnan(position_specificity(rare, tokens)["specificity"][0])
+
+
+def test_fire_counts_are_integers_not_rates_times_tokens():
+    """(26/25000)·25000 < 26 in floating point: counts must not be recomputed from rates."""
+    assert (26 / 25000) * 25000 < 26
+    counts = np.zeros((4, 1), int)
+    counts[0, 0] = 26
+    assert position_specificity(counts, np.array([25000, 1, 1, 1]))["specificity"][0] > 0
 
 
 def test_profile_clusters_find_planted_groups():

@@ -7,13 +7,22 @@ the global/positional split of architectures that have one.
     L2 ratio = E ‖x̂‖/‖x‖,  relative reconstruction bias = E‖x̂‖² / E[x·x̂],
     L0 = E #{i: f_i ≠ 0},  L1 = E Σ|f_i|,  dead = never active,  dense = active on > 10 %,
     Jaccard(t) = |A_t ∩ A_{t+1}| / |A_t ∪ A_{t+1}|,  code cosine(t) = cos(f_t, f_{t+1})
-    over pairs of counted, consecutive tokens of one sequence.
+    over pairs of counted, consecutive tokens of one sequence, each beside its chance
+    value: the same over shuffled pairs (token t of one sequence with token t + 1 of the
+    next sequence in the batch, at the same positions), and corrected (v − v₀)/(1 − v₀).
 
-Per-position EV uses the per-position mean: 1 − SSE_t / Σ_t ‖x − E_t x‖².
+Per-position EV uses the per-position mean: 1 − SSE_t / Σ_t ‖x − E_t x‖², null at a
+position with fewer than MIN_POSITION_TOKENS tokens.
+
+Activity (L0, L1, firing, Jaccard, the feature × position table) is read from the codes an
+input produces: an architecture whose codes add an input-independent offset (the
+hierarchical SAE's g ⊙ α_t) hands the codes before it in `extras["input_codes"]`, and the
+offset's mean norm is reported on its own (`core.code_offset_norm`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,6 +34,7 @@ from posae.sae.base import SAE
 from posae.training.batches import Batch
 
 DENSE_ABOVE = 0.1
+MIN_POSITION_TOKENS = 20
 
 
 class HeldOutAccumulator:
@@ -42,11 +52,17 @@ class HeldOutAccumulator:
         self.pairs = torch.zeros(L, **f64)              # pairs (t, t+1), indexed by t
         self.jaccard = torch.zeros(L, **f64)
         self.code_cos = torch.zeros(L, **f64)
+        self.chance = torch.zeros(3, **f64)             # shuffled pairs: count, Σ J, Σ cos
         self.split = torch.zeros(2, **f64)              # Σ|f| of the global, positional halves
+        self.offset_norm: Tensor | None = None          # Σ ‖input-independent code offset‖
 
     @torch.no_grad()
     def add(self, batch: Batch, x_hat: Tensor, f: Tensor, extras: dict) -> None:
         mask, pos = batch.mask, batch.pos
+        if "input_codes" in extras:
+            offset = (f - extras["input_codes"])[mask].double().norm(dim=-1).sum()
+            self.offset_norm = offset if self.offset_norm is None else self.offset_norm + offset
+            f = extras["input_codes"]
         x, x_hat, f = batch.x.double(), x_hat.double(), f.double()
         flat_pos = pos[mask]
         xs, xh, fs = x[mask], x_hat[mask], f[mask]
@@ -67,23 +83,24 @@ class HeldOutAccumulator:
         self.fires.index_add_(0, flat_pos, active.double())
         self.activation.index_add_(0, flat_pos, fs)
         self._add_pairs(f, mask, pos)
-        if "global_codes" in extras:
-            self.split += torch.stack([extras["global_codes"][mask].double().abs().sum(),
-                                       extras["positional_codes"][mask].double().abs().sum()])
+        if "global_codes" in extras:  # activity of the two halves, before any offset
+            half = extras["global_codes"].shape[-1]
+            self.split += torch.stack([fs[:, :half].abs().sum(), fs[:, half:].abs().sum()])
 
     def _add_pairs(self, f: Tensor, mask: Tensor, pos: Tensor) -> None:
         pairs = valid_pairs(mask, pos)
-        a, b = f[:, :-1][pairs], f[:, 1:][pairs]
         t = pos[:, :-1][pairs]
-        on_a, on_b = a != 0, b != 0
-        union = (on_a | on_b).sum(-1).double()
-        inter = (on_a & on_b).sum(-1).double()
-        # two empty active sets are identical: Jaccard 1
-        jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-        self.pairs.index_add_(0, t, torch.ones_like(union))
+        jaccard, cos = _pair_similarity(f[:, :-1][pairs], f[:, 1:][pairs])
+        self.pairs.index_add_(0, t, torch.ones_like(jaccard))
         self.jaccard.index_add_(0, t, jaccard)
         self.code_cos.index_add_(0, t, cos)
+        if len(f) < 2:
+            return
+        # chance: token t of sequence r with token t + 1 of sequence r - 1, same positions
+        successor, successor_pairs = f[:, 1:].roll(1, 0), pairs.roll(1, 0)
+        shuffled = pairs & successor_pairs & (pos[:, :-1] == pos[:, :-1].roll(1, 0))
+        jaccard, cos = _pair_similarity(f[:, :-1][shuffled], successor[shuffled])
+        self.chance += torch.stack([torch.ones_like(jaccard).sum(), jaccard.sum(), cos.sum()])
 
     def results(self) -> dict:
         """Scalars (over all counted tokens), per-position curves, and the arrays behind
@@ -108,11 +125,18 @@ class HeldOutAccumulator:
             "dense_fraction": (frequency > DENSE_ABOVE).double().mean().item(),
             "n_tokens": int(n),
         }
-        temporal = {
-            "adjacent_jaccard": self.jaccard.sum().item() / max(n_pairs, 1),
-            "adjacent_code_cosine": self.code_cos.sum().item() / max(n_pairs, 1),
-            "n_pairs": int(n_pairs),
-        }
+        n_chance = self.chance[0].item()
+        temporal = {"n_pairs": int(n_pairs), "n_chance_pairs": int(n_chance)}
+        for name, total_pairs, total_chance in (
+                ("adjacent_jaccard", self.jaccard.sum().item(), self.chance[1].item()),
+                ("adjacent_code_cosine", self.code_cos.sum().item(), self.chance[2].item())):
+            value = total_pairs / n_pairs if n_pairs else float("nan")
+            chance = total_chance / n_chance if n_chance else float("nan")
+            temporal[name] = value
+            temporal[f"{name}_chance"] = chance
+            temporal[f"{name}_corrected"] = chance_corrected(value, chance)
+        if self.offset_norm is not None:
+            core["code_offset_norm"] = self.offset_norm.item() / n
         if self.split.sum() > 0:
             temporal["positional_activation_share"] = (self.split[1] / self.split.sum()).item()
         counted = self.pos_tokens > 0
@@ -124,8 +148,10 @@ class HeldOutAccumulator:
                 "position": t.tolist(),
                 "n_tokens": n_t.tolist(),
                 "mse": (self.pos["sq_err"][t] / n_t).tolist(),
-                "explained_variance": (1 - self.pos["sq_err"][t] / pos_var.clamp_min(1e-12))
-                .tolist(),
+                "explained_variance": torch.where(
+                    n_t >= MIN_POSITION_TOKENS,
+                    1 - self.pos["sq_err"][t] / pos_var.clamp_min(1e-12),
+                    torch.full_like(n_t, float("nan"))).tolist(),
                 "l0": (self.pos["l0"][t] / n_t).tolist(),
                 # NaN (null in metrics.json) where position t has no counted successor
                 "adjacent_jaccard": (self.jaccard[t] / self.pairs[t]).tolist(),
@@ -135,9 +161,28 @@ class HeldOutAccumulator:
             "frequency": frequency.numpy(),
             "positions": t.numpy(),
             "firing_rate": (self.fires[t] / n_t[:, None]).numpy(),      # [T, d_sae]
+            "fire_counts": self.fires[t].round().long().numpy(),         # [T, d_sae] integers
+            "position_tokens": n_t.round().long().numpy(),               # [T]
             "mean_activation": (self.activation[t] / n_t[:, None]).numpy(),
         }
         return {"core": core, "temporal": temporal, "by_position": curves, "_arrays": arrays}
+
+
+def _pair_similarity(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Jaccard of the active sets (two empty sets count as identical: 1) and cosine of the
+    codes, for each row of two [pairs, d_sae] code tables."""
+    on_a, on_b = a != 0, b != 0
+    union = (on_a | on_b).sum(-1).double()
+    inter = (on_a & on_b).sum(-1).double()
+    jaccard = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return jaccard, torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+def chance_corrected(value: float, chance: float) -> float:
+    """(v − v₀)/(1 − v₀): 0 at chance, 1 at identity; NaN where undefined."""
+    if not (math.isfinite(value) and math.isfinite(chance)) or chance >= 1:
+        return float("nan")
+    return (value - chance) / (1 - chance)
 
 
 @torch.no_grad()

@@ -46,12 +46,16 @@ def position_curves(curves: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def adjacent_stability(curves: dict, path: Path, title: str) -> Path:
-    """Jaccard of active sets and cosine of codes between positions t and t+1."""
+def adjacent_stability(curves: dict, temporal: dict, path: Path, title: str) -> Path:
+    """Jaccard of active sets and cosine of codes between positions t and t+1, each with
+    its chance value (shuffled pairs) as a dashed line of the same colour."""
     fig, ax = plt.subplots(figsize=(7, 4))
     t = curves["position"][:-1]
-    ax.plot(t, curves["adjacent_jaccard"][:-1], label="Jaccard of active sets")
-    ax.plot(t, curves["adjacent_code_cosine"][:-1], label="cosine of codes")
+    for key, label, colour in (("adjacent_jaccard", "Jaccard of active sets", "tab:blue"),
+                               ("adjacent_code_cosine", "cosine of codes", "tab:orange")):
+        ax.plot(t, curves[key][:-1], label=label, color=colour)
+        ax.axhline(temporal[f"{key}_chance"], color=colour, linestyle="--",
+                   label=f"{label}, chance (shuffled pairs)")
     ax.set_xlabel("position t (pair t, t+1)")
     ax.set_ylabel("similarity")
     ax.set_ylim(0, 1)
@@ -79,14 +83,30 @@ def feature_position_heatmap(firing_rate: np.ndarray, positions: np.ndarray, pat
     return _save(fig, path)
 
 
-def specificity_histogram(spec: np.ndarray, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(spec[~np.isnan(spec)], bins=40, range=(0, 1), color="tab:purple")
-    ax.axvline(0.5, color="grey", ls="--", lw=1, label="specialised (≥ 0.5)")
-    ax.set_xlabel("position specificity 1 − H(p)/log T")
-    ax.set_ylabel("latents")
+def specificity_against_null(result: dict, n_fires: np.ndarray, path: Path, title: str
+                             ) -> Path:
+    """Each scored latent's position specificity against its firing count, beside the
+    null (the same count dealt over positions by chance: mean and mean + 2 sd), latents
+    specialised at the false-discovery rate in colour."""
+    scored = ~np.isnan(result["specificity"])
+    fires, spec = n_fires[scored], result["specificity"][scored]
+    special = result["specialised"][scored]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter(fires[~special], spec[~special], s=4, color="grey", alpha=0.5,
+               label="not above its null")
+    ax.scatter(fires[special], spec[special], s=6, color="tab:purple",
+               label=f"specialised ({int(special.sum())} of {int(scored.sum())})")
+    order = np.argsort(fires)
+    mean, sd = result["null_mean"][scored][order], result["null_sd"][scored][order]
+    ax.plot(fires[order], mean, color="black", lw=1, label="null mean (chance)")
+    ax.plot(fires[order], mean + 2 * sd, color="black", lw=1, ls="--", label="null mean + 2 sd")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("held-out fires of the latent")
+    ax.set_ylabel("position specificity 1 − H(p)/log T")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

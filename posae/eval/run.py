@@ -148,14 +148,14 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
         figures["position_curves"] = plots.position_curves(
             result["by_position"], plot_dir / "position_curves.png", title)
         figures["adjacent_stability"] = plots.adjacent_stability(
-            result["by_position"], plot_dir / "adjacent_stability.png", title)
+            result["by_position"], result["temporal"], plot_dir / "adjacent_stability.png",
+            title)
         figures["feature_position_heatmap"] = plots.feature_position_heatmap(
             arrays["firing_rate"], arrays["positions"], plot_dir / "feature_position.png", title)
 
     if "structure" in cfg.families:
         start = time.perf_counter()
-        spec = position_specificity(arrays["mean_activation"],
-                                    arrays["frequency"] * result["core"]["n_tokens"])
+        spec = position_specificity(arrays["fire_counts"], arrays["position_tokens"])
         clusters = profile_clusters(arrays["mean_activation"], arrays["frequency"],
                                     cfg.cluster_latents, cfg.max_clusters)
         codes, raw, positions, sequences = _codes_for_probe(
@@ -169,8 +169,9 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
                 cfg.position_buckets),
         }
         if cfg.plots:
-            figures["position_specificity"] = plots.specificity_histogram(
-                spec, plot_dir / "position_specificity.png", title)
+            figures["position_specificity"] = plots.specificity_against_null(
+                spec, arrays["fire_counts"].sum(0), plot_dir / "position_specificity.png",
+                title)
             if clusters["linkage"] is not None:
                 figures["position_profile_dendrogram"] = plots.profile_dendrogram(
                     clusters, plot_dir / "position_profile_dendrogram.png", title)

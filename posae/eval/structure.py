@@ -1,12 +1,19 @@
 """Positional structure of the codes: what the seed papers claim to change.
 
-- Position specificity of latent i (DESIGN.md): 1 − H(p_i)/log T, with p_i(t) its mean
-  activation at position t normalised over the T positions. 0 for a latent equally
-  active everywhere; 1 for one active at a single position; a latent spread evenly over
-  w positions scores 1 − log w / log T. Specialised: specificity ≥ 0.5, i.e. an
-  effective number of positions exp(H) ≤ √T. Only latents that fired on at least
-  `MIN_FIRES` held-out tokens are scored: a latent seen a handful of times looks
-  position-specific by chance alone (one firing gives specificity 1).
+- Position specificity of latent i: 1 − H(p_i)/log T, with p_i(t) its firing rate at
+  position t (integer fire counts over tokens at t) normalised over the T positions. 0 for
+  a latent equally likely to fire everywhere, 1 for one that fires at a single position.
+  A latent that ignores position still scores above 0 from sampling noise alone (about
+  0.45 at 20 fires, 0.08 at 300), so each latent is compared with its null: its n fires
+  dealt over positions in proportion to the tokens there (multinomial, `NULL_DRAWS`
+  draws). Reported: the null's mean and the corrected specificity (s − s₀)/(1 − s₀).
+  "Specialised" needs significance: a Pearson χ² test of the latent's fires in
+  `n_buckets` equal position ranges against the counts the token distribution predicts
+  (B − 1 degrees of freedom; only latents that expect at least 5 fires in every range, so
+  that the χ² law holds), Benjamini–Hochberg at false-discovery rate `FDR` over the tested
+  latents. (Specificity itself has a discrete, heavy-tailed null at few fires, which no
+  smooth law fits, hence the separate test.) Latents with fewer than `MIN_FIRES` fires are
+  not scored.
 - Clusters of position profiles (001, figure 1): average-linkage hierarchical clustering
   of the profiles p_i of the most active latents under correlation distance; the number
   of clusters is the cut with the best silhouette among 2..max_clusters.
@@ -22,38 +29,99 @@ import warnings
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
+from scipy.stats import chi2
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import silhouette_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-SPECIALISED_ABOVE = 0.5
 MIN_FIRES = 20
+NULL_DRAWS = 200
+FDR = 0.05
 
 
-def position_specificity(mean_activation: np.ndarray, fires: np.ndarray | None = None
-                         ) -> np.ndarray:
-    """[T, d_sae] mean activation per position → [d_sae] specificity; NaN for latents never
-    active or, when `fires` (firing counts [d_sae]) is given, active on < MIN_FIRES tokens."""
-    profile = np.abs(mean_activation).T  # [d_sae, T]
-    total = profile.sum(1, keepdims=True)
+def specificity(counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """[..., T] fire counts and [T] tokens per position → [...] 1 − H(p)/log T of the
+    normalised firing-rate profile (NaN where nothing fired)."""
+    rate = counts / tokens
+    total = rate.sum(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = profile / total
-        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
-    spec = 1 - entropy / np.log(profile.shape[1])
-    spec[total[:, 0] == 0] = np.nan
-    if fires is not None:
-        spec[fires < MIN_FIRES] = np.nan
-    return spec
+        p = rate / total
+        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+    return 1 - entropy / np.log(len(tokens))
 
 
-def specificity_summary(spec: np.ndarray) -> dict:
-    alive = spec[~np.isnan(spec)]
+def position_specificity(fire_counts: np.ndarray, tokens: np.ndarray, n_buckets: int = 8,
+                         seed: int = 0) -> dict:
+    """Specificity of every latent against its null, from integer fire counts [T, d_sae]
+    and counted tokens per position [T] (positions with tokens only). Arrays [d_sae]:
+    `specificity`, `null_mean`, `null_sd`, `corrected`, `p_value` (of the bucket χ² test),
+    `specialised` (bool); NaN / False for latents with fewer than MIN_FIRES fires."""
+    counts, tokens = np.asarray(fire_counts, np.int64).T, np.asarray(tokens, np.int64)
+    n_fires = counts.sum(1)
+    spec = specificity(counts, tokens)
+    null_mean, null_sd = np.full(len(spec), np.nan), np.full(len(spec), np.nan)
+    rng = np.random.default_rng(seed)
+    share = tokens / tokens.sum()
+    for n in np.unique(n_fires[n_fires >= MIN_FIRES]):
+        draws = specificity(rng.multinomial(n, share, size=NULL_DRAWS), tokens)
+        rows = n_fires == n
+        null_mean[rows], null_sd[rows] = draws.mean(), draws.std()
+    scored = n_fires >= MIN_FIRES
+    spec[~scored] = np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corrected = (spec - null_mean) / (1 - null_mean)
+    p_value = bucket_chi2_p_values(counts, tokens, n_buckets)
+    p_value[~scored] = np.nan
+    tested = ~np.isnan(p_value)
+    specialised = np.zeros(len(spec), bool)
+    if tested.any():
+        specialised[np.flatnonzero(tested)] = benjamini_hochberg(p_value[tested], FDR)
+    return {"specificity": spec, "null_mean": null_mean, "null_sd": null_sd,
+            "corrected": corrected, "p_value": p_value, "specialised": specialised}
+
+
+def bucket_chi2_p_values(counts: np.ndarray, tokens: np.ndarray, n_buckets: int) -> np.ndarray:
+    """[d_sae, T] fire counts → p-values of Pearson's χ² test that a latent's fires fall
+    in `n_buckets` equal position ranges as the tokens do; NaN where some range expects
+    fewer than 5 fires."""
+    bucket = np.arange(len(tokens)) * n_buckets // len(tokens)
+    observed = np.stack([counts[:, bucket == b].sum(1) for b in range(n_buckets)], 1)
+    share = np.array([tokens[bucket == b].sum() for b in range(n_buckets)]) / tokens.sum()
+    expected = observed.sum(1, keepdims=True) * share
+    with np.errstate(invalid="ignore", divide="ignore"):
+        statistic = ((observed - expected) ** 2 / expected).sum(1)
+    p = chi2.sf(statistic, n_buckets - 1)
+    p[expected.min(1) < 5] = np.nan
+    return p
+
+
+def benjamini_hochberg(p: np.ndarray, q: float) -> np.ndarray:
+    """Which of the p-values are discoveries at false-discovery rate q."""
+    order = np.argsort(p)
+    below = p[order] <= q * np.arange(1, len(p) + 1) / len(p)
+    found = np.zeros(len(p), bool)
+    if below.any():
+        found[order[: np.flatnonzero(below).max() + 1]] = True
+    return found
+
+
+def specificity_summary(result: dict) -> dict:
+    scored = ~np.isnan(result["specificity"])
+    n = int(scored.sum())
+
+    def mean(key):
+        return float(result[key][scored].mean()) if n else float("nan")
+
     return {
-        "mean_position_specificity": float(alive.mean()) if alive.size else float("nan"),
-        "position_specialised_fraction": float((alive >= SPECIALISED_ABOVE).mean())
-        if alive.size else float("nan"),
-        "n_scored_latents": int(alive.size),
+        "mean_position_specificity": mean("specificity"),
+        "mean_null_specificity": mean("null_mean"),
+        "mean_corrected_specificity": mean("corrected"),
+        "position_specialised_fraction": float(result["specialised"][scored].mean())
+        if n else float("nan"),
+        "n_specialised_latents": int(result["specialised"].sum()),
+        "n_scored_latents": n,
+        "min_fires": MIN_FIRES, "null_draws": NULL_DRAWS, "fdr": FDR,
     }
 
 

@@ -103,9 +103,11 @@ class HierarchicalSAE(SAE):
             raise ValueError("the hierarchical SAE needs token positions")
         shift, scale, offset = self.position_tables()
         pre = self.pre_activations(x) + per_position(shift, pos)
-        f = torch.relu(pre) * per_position(scale, pos) + per_position(offset, pos)
+        input_codes = torch.relu(pre) * per_position(scale, pos)
+        f = input_codes + per_position(offset, pos)
         return SAEOutput(self.decode(f), f, pre, {"global_codes": f[..., : self.half],
-                                                  "positional_codes": f[..., self.half :]})
+                                                  "positional_codes": f[..., self.half :],
+                                                  "input_codes": input_codes})
 
     @torch.no_grad()
     def mechanism_state(self) -> dict[str, float]:
