@@ -32,7 +32,7 @@ STANDARD = [
     ("position probe", "structure.position_decodability.codes_accuracy"),
     ("train s", "training.seconds"),
 ]
-PRESERVATION = {"causal_lm": ["preservation.kl_score", "preservation.ce_score"],
+PRESERVATION = {"causal": ["preservation.kl_score", "preservation.ce_score"],
                 "encoder": ["preservation.embedding_score"]}
 
 

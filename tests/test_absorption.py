@@ -25,7 +25,7 @@ from posae.sae import REGISTRY, build_sae
 LAYER, CONTEXT = 3, 32
 # min_probe_accuracy=0: MiniLM's first-letter probe is weak (~0.25), and these tests check
 # the computation on hand-built SAEs whose answer is known whatever the probe's accuracy.
-SMALL = AbsorptionConfig(max_words=1500, min_probe_accuracy=0.0)
+SMALL = AbsorptionConfig(max_words=1500, min_probe_accuracy=0.0, min_letter_f1=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,11 @@ def test_random_topk_sae_on_minilm(minilm, special):
     json.dumps(out)
     assert 0.0 <= out["probe_accuracy"] <= 1.0 and out["n_words"] == 3000
     if out["meaningful"]:
-        assert 0.0 <= out["mean_absorption_fraction"] <= 1.0
+        assert 0.0 <= out["mean_full_absorption_rate"] <= 1.0
+        assert 0.0 <= out["mean_partial_absorption_fraction"] <= 1.0
         assert 1.0 <= out["mean_split_features"] <= 10.0
     else:
-        assert "accuracy" in out["reason"] and "mean_absorption_fraction" not in out
+        assert "accuracy" in out["reason"] and "mean_full_absorption_rate" not in out
 
 
 @pytest.mark.filterwarnings("ignore:The number of unique classes")
@@ -85,7 +86,7 @@ def test_guard_withholds_numbers(minilm, special):
     out = absorption(sae, minilm, special, LAYER, CONTEXT,
                      AbsorptionConfig(max_words=1500, min_probe_accuracy=1.01))
     assert out["meaningful"] is False and f"{out['probe_accuracy']:.3f}" in out["reason"]
-    assert "mean_absorption_fraction" not in out and "per_letter" not in out
+    assert "mean_full_absorption_rate" not in out and "per_letter" not in out
     few = absorption(sae, minilm, special, LAYER, CONTEXT,
                      AbsorptionConfig(max_words=40, min_probe_accuracy=0.0))
     assert few["meaningful"] is False and "letters have >= 5 test words" in few["reason"]
@@ -140,7 +141,8 @@ def test_probe_aligned_sae_has_no_absorption(minilm, special, probed):
     assert out["meaningful"] and out["n_letters_scored"] >= 13
     for c, r in out["per_letter"].items():
         assert r["main_latents"] == [LETTERS.index(c)] and r["absorbed"] == 0
-    assert out["mean_absorption_fraction"] == 0.0 and out["mean_split_features"] == 1.0
+    assert out["mean_full_absorption_rate"] == 0.0 and out["mean_split_features"] == 1.0
+    assert out["mean_partial_absorption_fraction"] == 0.0
 
 
 def test_absorbing_latents_are_counted(minilm, special, probed):
@@ -156,7 +158,21 @@ def test_absorbing_latents_are_counted(minilm, special, probed):
         assert r["main_latents"] == [i] and r["probe_correct"] == n_right
         assert r["absorbed"] == len(absorbed[i])
         if n_right:
-            assert r["absorption_fraction"] == pytest.approx(len(absorbed[i]) / n_right)
+            assert r["full_absorption_rate"] == pytest.approx(len(absorbed[i]) / n_right)
+            # an absorbed word's projection is all the absorber's, the others all the main's
+            assert r["partial_absorption_fraction"] == pytest.approx(r["full_absorption_rate"])
         else:
-            assert r["absorption_fraction"] is None
-    assert out["mean_absorption_fraction"] >= 0.5
+            assert r["full_absorption_rate"] is None
+    assert out["mean_full_absorption_rate"] >= 0.5
+
+
+def test_only_letters_the_probe_gets_right_often_enough_are_scored(minilm, special, probed):
+    data, probe, _ = probed
+    sae = probe_sae(data, probe, [])
+    every = absorption(sae, minilm, special, LAYER, CONTEXT, SMALL)
+    config = AbsorptionConfig(max_words=1500, min_probe_accuracy=0.0, min_letter_f1=0.3,
+                              min_letters=1)
+    filtered = absorption(sae, minilm, special, LAYER, CONTEXT, config)
+    kept = {c for c, r in every["per_letter"].items() if r["probe_f1"] > 0.3}
+    assert set(filtered.get("per_letter", {})) == kept
+    assert filtered["n_letters_scored"] == len(kept) < every["n_letters_scored"]

@@ -56,6 +56,17 @@ def test_perfect_reconstruction_scores_one_and_zero_sae_at_most_zero():
     assert perfect["l0"] == 8  # one of ReLU(x_j), ReLU(-x_j) per input dimension
 
 
+def test_undefined_ratios_are_null_not_errors():
+    from posae.eval.safe import ratio
+
+    assert math.isnan(ratio(1.0, 0.0)) and math.isnan(ratio(0.0, 0)) and ratio(1.0, 4) == 0.25
+    constant = Batch(torch.ones(4, 16, 8), torch.arange(16).expand(4, 16),
+                     torch.ones(4, 16, dtype=bool), torch.zeros(4, 16, dtype=torch.long))
+    result = held_out_pass(zero_sae(8), [constant] * 6, 16)  # no variance anywhere
+    assert math.isnan(result["core"]["explained_variance"])
+    assert all(math.isnan(v) for v in result["by_position"]["explained_variance"])
+
+
 def test_adjacent_stability_counts_only_consecutive_counted_pairs():
     sae = identity_sae(2)
     # codes are [relu(x), relu(-x)]: active sets {0}, {0}, {1}, {0} at t = 0..3
@@ -250,10 +261,38 @@ def test_preservation_scores_on_a_tiny_causal_lm(name):
     counted[:, 0] = False  # a "BOS" keeps its activation
     sequences = [(ids, attention, counted)]
     perfect = model_preservation(identity_sae(32), lm, 1, sequences)
-    assert perfect["kind"] == "causal_lm"
-    assert perfect["kl_score"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect["kind"] == "causal"
+    for key in ("kl_score", "kl_score_special_tokens_kept"):
+        assert perfect[key] == pytest.approx(1.0, abs=1e-4)
     assert perfect["ce_score"] == pytest.approx(1.0, abs=1e-3)
     zero = model_preservation(zero_sae(32), lm, 1, sequences)
-    assert zero["kl_score"] == pytest.approx(0.0, abs=1e-6)
-    assert zero["ce_score"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("kl_score", "ce_score", "kl_score_special_tokens_kept",
+                "ce_score_special_tokens_kept"):
+        assert zero[key] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_zero"] > 0
+
+
+def test_zero_ablation_covers_every_position_as_in_saelens():
+    """An SAE that reconstructs every token but the BOS perfectly: with the BOS zeroed in
+    the baseline too (SAELens, SAEBench) its score is below 1; kept aside (the old
+    definition) it would be 1."""
+    lm = build_tiny_lm("gpt2")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (4, 20))
+    attention = torch.ones_like(ids, dtype=torch.bool)
+    counted = attention.clone()
+    counted[:, 0] = False
+
+    class IdentityButFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = identity_sae(32)
+
+        def forward(self, x, pos=None, mask=None):
+            out = self.inner(x, pos, mask)
+            out.x_hat = torch.where(pos[..., None] == 0, torch.zeros_like(x), out.x_hat)
+            return out
+
+    scores = model_preservation(IdentityButFirst(), lm, 1, [(ids, attention, counted)])
+    assert scores["kl_score_special_tokens_kept"] == pytest.approx(1.0, abs=1e-4)
+    assert scores["kl_score"] < 0.999

@@ -20,9 +20,15 @@ as SAEBench implements it), on the model's own vocabulary, without in-context ex
    with decoder cosine ≥ `cos_threshold` to the letter's direction u contributes
    f_j (W_dec,j · u) ≥ `projection_fraction` × Σ_i f_i (W_dec,i · u), the probe
    projection of the reconstruction without b_dec (SAEBench divides by that of the input).
-   Absorption fraction = absorbed / correctly classified test words of the letter.
-6. Guard: with a probe below `min_probe_accuracy` or fewer than `min_letters` letters with
-   `min_test_words` test words, no absorption number is returned, only the reason.
+   Full absorption rate = absorbed / correctly classified test words of the letter.
+   Partial absorption fraction (SAEBench's "absorption fraction"): per correctly classified
+   word, the share of that probe projection not carried by the main latents,
+   clip(1 − Σ_main f_j (W_dec,j · u) / Σ_i f_i (W_dec,i · u), 0, 1) (0 where the
+   projection is not positive), averaged over the letter's words.
+6. Letters scored: at least `min_test_words` test words and a per-letter probe F1 (one
+   letter against the rest, on the test words) above `min_letter_f1` = 0.6, as SAEBench
+   filters them. Guard: with a probe below `min_probe_accuracy` or fewer than `min_letters`
+   scored letters, no absorption number is returned, only the reason.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class AbsorptionConfig:
     cos_threshold: float = 0.025  # decoder-probe cosine of an absorbing latent
     projection_fraction: float = 0.4
     min_probe_accuracy: float = 0.6
+    min_letter_f1: float = 0.6    # a letter is scored only when the probe's F1 on it is above
     min_test_words: int = 5       # a letter is scored with at least this many test words
     min_letters: int = 13         # ... and the result is meaningful with this many letters
 
@@ -177,6 +184,17 @@ def absorbed_words(f: np.ndarray, main: list[int], W_dec: np.ndarray, u: np.ndar
     return ~(f[:, main] > FIRES).any(1) & (total[:, 0] > 0) & absorber.any(1)
 
 
+def partial_absorption(f: np.ndarray, main: list[int], W_dec: np.ndarray, u: np.ndarray
+                       ) -> np.ndarray:
+    """Per word: the share of the probe projection of the reconstruction that latents other
+    than the main ones carry, in [0, 1] (0 where the projection is not positive)."""
+    contrib = f * (W_dec @ u)
+    total, by_main = contrib.sum(1), contrib[:, main].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.clip(1 - by_main / total, 0, 1)
+    return np.where(total > 0, share, 0.0)
+
+
 def absorption(sae: SAE, lm: LanguageModel, special: SpecialTokens, layer: int,
                context_size: int, cfg: AbsorptionConfig = AbsorptionConfig()) -> dict:
     """First-letter absorption of `sae` (acting on raw activations after block `layer`)."""
@@ -194,13 +212,17 @@ def absorption(sae: SAE, lm: LanguageModel, special: SpecialTokens, layer: int,
            "n_words": len(data.words), "n_test_words": int(te.sum())}
     n_test = np.bincount(data.y[te], minlength=26)
     n_train = np.bincount(data.y[tr], minlength=26)
-    scored = [i for i in range(26) if n_test[i] >= cfg.min_test_words and n_train[i] > 0]
+    letter_f1 = f1_score(data.y[te], pred, labels=list(range(26)), average=None,
+                         zero_division=0)
+    scored = [i for i in range(26) if n_test[i] >= cfg.min_test_words and n_train[i] > 0
+              and letter_f1[i] > cfg.min_letter_f1]
     out["n_letters_scored"] = len(scored)
     if acc < cfg.min_probe_accuracy or len(scored) < cfg.min_letters:
         return {"meaningful": False, **out, "reason": (
             f"first-letter probe test accuracy {acc:.3f} (needs {cfg.min_probe_accuracy}); "
-            f"{len(scored)} letters have >= {cfg.min_test_words} test words (needs "
-            f"{cfg.min_letters}) among {len(data.words)} single-token words")}
+            f"{len(scored)} letters have >= {cfg.min_test_words} test words and probe F1 > "
+            f"{cfg.min_letter_f1} (needs {cfg.min_letters}) among {len(data.words)} "
+            f"single-token words")}
     W_dec = sae.W_dec.detach().double().cpu().numpy()
     f_tr, f_te, y_te = data.f[tr], data.f[te], data.y[te]
     per_letter = {}
@@ -209,15 +231,22 @@ def absorption(sae: SAE, lm: LanguageModel, special: SpecialTokens, layer: int,
         right = (y_te == i) & (pred == i)
         u = probe.W[i] / np.linalg.norm(probe.W[i])
         absorbed = int(absorbed_words(f_te[right], main, W_dec, u, cfg).sum())
+        partial = partial_absorption(f_te[right], main, W_dec, u)
         per_letter[LETTERS[i]] = {
             "n_train": int(n_train[i]), "n_test": int(n_test[i]),
+            "probe_f1": float(letter_f1[i]),
             "probe_correct": int(right.sum()), "main_latents": main,
             "split_features": len(main), "f1_by_k": f1s, "absorbed": absorbed,
-            "absorption_fraction": absorbed / int(right.sum()) if right.any() else None}
-    fracs = [float(v["absorption_fraction"]) for v in per_letter.values()
-             if v["absorption_fraction"] is not None]
+            "full_absorption_rate": absorbed / int(right.sum()) if right.any() else None,
+            "partial_absorption_fraction": float(partial.mean()) if right.any() else None}
+
+    def mean_of(key):
+        values = [v[key] for v in per_letter.values() if v[key] is not None]
+        return float(np.mean(values)) if values else None
+
     return {"meaningful": True, **out,
-            "mean_absorption_fraction": float(np.mean(fracs)) if fracs else None,
+            "mean_full_absorption_rate": mean_of("full_absorption_rate"),
+            "mean_partial_absorption_fraction": mean_of("partial_absorption_fraction"),
             "mean_split_features": float(np.mean([v["split_features"]
                                                   for v in per_letter.values()])),
             "per_letter": per_letter}

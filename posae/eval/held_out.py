@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from posae.eval.safe import ratio
 from posae.losses.temporal import valid_pairs
 from posae.sae.base import SAE
 from posae.training.batches import Batch
@@ -110,15 +111,16 @@ class HeldOutAccumulator:
             raise ValueError("no held-out tokens to evaluate")
         total = {name: v.sum().item() for name, v in self.pos.items()}
         variance = total["sq_x"] / n - (self.sum_x / n).pow(2).sum().item()
+        if variance <= 1e-12 * total["sq_x"] / n:  # rounding error of a constant input
+            variance = 0.0
         frequency = self.fires.sum(0) / n
         n_pairs = self.pairs.sum().item()
         core = {
             "mse": total["sq_err"] / n,
-            "explained_variance": 1 - total["sq_err"] / n / variance,
+            "explained_variance": 1 - ratio(total["sq_err"] / n, variance),
             "cosine_similarity": total["cos"] / n,
             "l2_ratio": total["l2_ratio"] / n,
-            "relative_reconstruction_bias": total["sq_x_hat"] / total["x_dot_x_hat"]
-            if total["x_dot_x_hat"] else float("nan"),
+            "relative_reconstruction_bias": ratio(total["sq_x_hat"], total["x_dot_x_hat"]),
             "l0": total["l0"] / n,
             "l1": total["l1"] / n,
             "dead_fraction": (frequency == 0).double().mean().item(),
@@ -130,8 +132,7 @@ class HeldOutAccumulator:
         for name, total_pairs, total_chance in (
                 ("adjacent_jaccard", self.jaccard.sum().item(), self.chance[1].item()),
                 ("adjacent_code_cosine", self.code_cos.sum().item(), self.chance[2].item())):
-            value = total_pairs / n_pairs if n_pairs else float("nan")
-            chance = total_chance / n_chance if n_chance else float("nan")
+            value, chance = ratio(total_pairs, n_pairs), ratio(total_chance, n_chance)
             temporal[name] = value
             temporal[f"{name}_chance"] = chance
             temporal[f"{name}_corrected"] = chance_corrected(value, chance)
@@ -143,13 +144,14 @@ class HeldOutAccumulator:
         t = counted.nonzero().squeeze(-1)
         n_t = self.pos_tokens[t]
         pos_var = self.pos["sq_x"][t] - self.pos_sum_x[t].pow(2).sum(-1) / n_t
+        pos_var = torch.where(pos_var > 1e-12 * self.pos["sq_x"][t], pos_var, 0.0)
         with np.errstate(invalid="ignore"):
             curves = {
                 "position": t.tolist(),
                 "n_tokens": n_t.tolist(),
                 "mse": (self.pos["sq_err"][t] / n_t).tolist(),
                 "explained_variance": torch.where(
-                    n_t >= MIN_POSITION_TOKENS,
+                    (n_t >= MIN_POSITION_TOKENS) & (pos_var > 0),
                     1 - self.pos["sq_err"][t] / pos_var.clamp_min(1e-12),
                     torch.full_like(n_t, float("nan"))).tolist(),
                 "l0": (self.pos["l0"][t] / n_t).tolist(),

@@ -12,13 +12,16 @@ How well do a few SAE latents linearly encode a known property of a text?
    round-robin from the other classes' pools (balanced over the classes), separately for
    train and test, so up to n_train / n_test texts each, half positive. A text is in a
    train pool or a test pool, never both, whichever class it is a negative for.
-4. Probes. StandardScaler + sklearn LogisticRegression (L2, C = 1, lbfgs):
+4. Probes. sklearn LogisticRegression (L2, C = 1, lbfgs) on the raw pooled features, as
+   SAEBench fits them (`eval.probing.standardize=true` puts a StandardScaler first):
    - `sae_top_{k}_test_accuracy`: on the k latents with the largest |mean(pos) - mean(neg)|
      of the pooled codes on the TRAIN split (never the test split), k in `ks`;
    - `sae_test_accuracy`: on all latents; `llm_test_accuracy`: on the raw activations
      (full d), SAEBench's references; `llm_top_{k}_test_accuracy`: the same top-k rule on
      the raw dimensions.
-   Results are per class and averaged over classes (`mean`).
+   Results are per class and averaged over classes (`mean`), each accuracy with a 95 %
+   bootstrap interval over the test texts (`per_class.<c>.ci95`, `mean_ci95`; `bootstrap`
+   resamples; the mean's interval resamples every class's test texts at once).
 
 Differences from SAEBench, all deliberate: every probe is the sklearn one (SAEBench trains
 the full-width probes with a torch loop); the train/test texts come from one split of the
@@ -76,12 +79,16 @@ class ProbingConfig:
     # LogisticRegression
     C: float = 1.0
     max_iter: int = 1000
+    # StandardScaler before the probe (SAEBench: no, raw features)
+    standardize: bool = False
+    # Bootstrap resamples of the test texts for the 95 % intervals
+    bootstrap: int = 1000
 
 
 def probing_config(node: Any = None) -> ProbingConfig:
     """Typed settings from a dict / DictConfig (None: defaults); errors name the key."""
     cfg = typed(_as_node(node or {}), ProbingConfig, "eval.probing")
-    for key in ("batch_size", "context_size", "max_iter"):
+    for key in ("batch_size", "context_size", "max_iter", "bootstrap"):
         _positive(getattr(cfg, key), f"eval.probing.{key}")
     for key in ("n_train", "n_test"):
         if getattr(cfg, key) is not None:
@@ -517,41 +524,48 @@ def top_k_latents(features: torch.Tensor | np.ndarray, y: np.ndarray, k: int) ->
     return np.argsort(-score, kind="stable")[: min(k, x.shape[1])]
 
 
-def probe_accuracy(train_x, train_y, test_x, test_y, C: float = 1.0, max_iter: int = 1000,
-                   seed: int = 0) -> tuple[float, bool]:
-    """Test accuracy of StandardScaler + L2 LogisticRegression fitted on the train split,
-    and whether lbfgs converged."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter,
-                                                               random_state=seed))
+def probe_correct(train_x, train_y, test_x, test_y, C: float = 1.0, max_iter: int = 1000,
+                  seed: int = 0, standardize: bool = False) -> tuple[np.ndarray, bool]:
+    """Which test examples an L2 LogisticRegression fitted on the train split classifies
+    correctly (on raw features, or standardised), and whether lbfgs converged."""
+    probe = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
+    if standardize:
+        probe = make_pipeline(StandardScaler(), probe)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(np.asarray(train_x, dtype=np.float64), np.asarray(train_y))
-    converged = bool(np.all(probe[-1].n_iter_ < max_iter))
-    accuracy = probe.score(np.asarray(test_x, dtype=np.float64), np.asarray(test_y))
-    return float(accuracy), converged
+    fitted = probe[-1] if standardize else probe
+    converged = bool(np.all(fitted.n_iter_ < max_iter))
+    correct = probe.predict(np.asarray(test_x, dtype=np.float64)) == np.asarray(test_y)
+    return correct, converged
 
 
 def probe_family(prefix: str, train_x, train_y, test_x, test_y, ks: list[int], C: float = 1.0,
-                 max_iter: int = 1000, seed: int = 0) -> tuple[dict[str, float], np.ndarray, int]:
-    """`{prefix}_test_accuracy` (all columns) and `{prefix}_top_{k}_test_accuracy` (top-k by
-    train mean difference); also the top max(k) columns and the number of probes that did
-    not converge."""
+                 max_iter: int = 1000, seed: int = 0, standardize: bool = False
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """Per-test-example correctness of `{prefix}_test_accuracy` (all columns) and
+    `{prefix}_top_{k}_test_accuracy` (top-k by train mean difference); also the top max(k)
+    columns and the number of probes that did not converge."""
     train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
-    result = {}
-    not_converged = 0
-    accuracy, ok = probe_accuracy(train_x, train_y, test_x, test_y, C, max_iter, seed)
-    result[f"{prefix}_test_accuracy"] = accuracy
-    not_converged += not ok
+    columns = {f"{prefix}_test_accuracy": slice(None)}
     ranked = top_k_latents(train_x, train_y, max(ks))
-    for k in ks:
-        if k > train_x.shape[1]:
-            continue
-        cols = ranked[:k]
-        accuracy, ok = probe_accuracy(train_x[:, cols], train_y, test_x[:, cols], test_y, C,
-                                      max_iter, seed)
-        result[f"{prefix}_top_{k}_test_accuracy"] = accuracy
+    columns.update({f"{prefix}_top_{k}_test_accuracy": ranked[:k] for k in ks
+                    if k <= train_x.shape[1]})
+    result, not_converged = {}, 0
+    for key, cols in columns.items():
+        result[key], ok = probe_correct(train_x[:, cols], train_y, test_x[:, cols], test_y, C,
+                                        max_iter, seed, standardize)
         not_converged += not ok
     return result, ranked, not_converged
+
+
+def bootstrap_ci(correct: list[np.ndarray], resamples: int, seed: int) -> list[float]:
+    """95 % percentile interval of the mean over classes of the accuracy, resampling each
+    class's test examples (`correct`: one boolean array per class)."""
+    rng = np.random.default_rng(seed)
+    means = np.mean([c[rng.integers(len(c), size=(resamples, len(c)))].mean(1)
+                     for c in correct], 0)
+    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -591,7 +605,7 @@ def sparse_probing(sae, lm: LanguageModel, special: SpecialTokens, layer: int,
     row_of[used] = np.arange(len(used))
     raw, codes = raw.numpy(), codes.numpy()  # float32; probes take float64 copies of splits
 
-    per_class = {}
+    per_class, correct = {}, {}
     not_converged = 0
     for c in task.classes:
         split = binary_split(pools, c, n_train, n_test, cfg.seed)
@@ -604,17 +618,22 @@ def sparse_probing(sae, lm: LanguageModel, special: SpecialTokens, layer: int,
         if len(tr) < n_train or len(te) < n_test:
             notes.append(f"class {c!r}: {len(tr)} train / {len(te)} test texts "
                          f"(asked {n_train} / {n_test}; the data has fewer)")
+        settings = (ks, cfg.C, cfg.max_iter, cfg.seed, cfg.standardize)
         llm, _, bad_llm = probe_family("llm", raw[tr], split.train_y, raw[te], split.test_y,
-                                       ks, cfg.C, cfg.max_iter, cfg.seed)
+                                       *settings)
         sae_res, ranked, bad_sae = probe_family("sae", codes[tr], split.train_y, codes[te],
-                                                split.test_y, ks, cfg.C, cfg.max_iter, cfg.seed)
+                                                split.test_y, *settings)
         not_converged += bad_llm + bad_sae
-        entry.update(llm)
-        entry.update(sae_res)
+        correct[c] = {**llm, **sae_res}
+        entry.update({key: float(right.mean()) for key, right in correct[c].items()})
+        entry["ci95"] = {key: bootstrap_ci([right], cfg.bootstrap, cfg.seed)
+                         for key, right in correct[c].items()}
         entry["sae_top_latents"] = [int(i) for i in ranked]
         per_class[c] = entry
-    metric_keys = [k for k in next(iter(per_class.values())) if k.endswith("_accuracy")]
+    metric_keys = list(correct[task.classes[0]])
     mean = {k: float(np.mean([per_class[c][k] for c in task.classes])) for k in metric_keys}
+    mean_ci95 = {k: bootstrap_ci([correct[c][k] for c in task.classes], cfg.bootstrap,
+                                 cfg.seed) for k in metric_keys}
     if not_converged:
         notes.append(f"{not_converged} probes stopped at max_iter={cfg.max_iter} before "
                      "lbfgs converged")
@@ -629,6 +648,7 @@ def sparse_probing(sae, lm: LanguageModel, special: SpecialTokens, layer: int,
         "d_model": int(raw.shape[1]),
         "d_sae": int(codes.shape[1]),
         "mean": mean,
+        "mean_ci95": mean_ci95,
         "per_class": per_class,
         "notes": notes,
         "task_info": _jsonable(task.info),
@@ -652,5 +672,5 @@ def _jsonable(value: Any) -> Any:
 __all__ = [
     "ProbingConfig", "ProbingTaskConfig", "ProbingTask", "ProbingDataError", "probing_config",
     "task_config", "load_probing_task", "pool_texts", "class_pools", "binary_split",
-    "top_k_latents", "probe_accuracy", "probe_family", "sparse_probing",
+    "top_k_latents", "probe_correct", "probe_family", "bootstrap_ci", "sparse_probing",
 ]
