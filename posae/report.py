@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-import posae.config  # noqa: F401  (registers ${paper_steps:N}, used in a sweep's config)
+from posae.config import ConfigError  # also registers ${paper_steps:N} for sweep configs
 from posae.eval import plots
 
 # (label, metrics.json path): the scalars every report shows
@@ -27,8 +27,11 @@ STANDARD = [
     ("EV", "core.explained_variance"), ("MSE", "core.mse"), ("L0", "core.l0"),
     ("dead", "core.dead_fraction"), ("cosine", "core.cosine_similarity"),
     ("adjacent Jaccard", "temporal.adjacent_jaccard"),
-    ("adjacent code cosine", "temporal.adjacent_code_cosine"),
-    ("mean specificity", "structure.mean_position_specificity"),
+    ("adjacent Jaccard, chance", "temporal.adjacent_jaccard_chance"),
+    ("adjacent Jaccard, corrected", "temporal.adjacent_jaccard_corrected"),
+    ("adjacent code cosine, corrected", "temporal.adjacent_code_cosine_corrected"),
+    ("specificity, corrected", "structure.mean_corrected_specificity"),
+    ("position-specialised", "structure.position_specialised_fraction"),
     ("position probe", "structure.position_decodability.codes_accuracy"),
     ("train s", "training.seconds"),
 ]
@@ -89,11 +92,21 @@ def run_metrics(job: Path) -> dict:
 
 
 def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
-    """Rows of finished runs (label + metrics) and the names of runs without metrics."""
+    """Rows of finished runs (label + metrics) and the names of runs without metrics.
+    Refuses runs evaluated under different metric definitions (`metric_version`)."""
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name)
-    rows = [{"run": run_label(job), "metrics": run_metrics(job)}
+    rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job)}
             for job in jobs if (job / "metrics.json").exists()]
+    versions: dict[int, list[str]] = {}
+    for row in rows:  # metrics.json before metric_version existed: version 1
+        versions.setdefault(row["metrics"].get("metric_version", 1), []).append(row["job"].name)
+    if len(versions) > 1:
+        listing = "; ".join(f"version {v}: {', '.join(jobs)}" for v, jobs in
+                            sorted(versions.items()))
+        raise ConfigError(f"{sweep}: runs evaluated with different metric definitions "
+                          f"({listing}); re-evaluate the older ones with "
+                          f"`python -m posae.evaluate run_dir=<job>` (docs/metrics.md)")
     done = {row["run"] for row in rows}
     return rows, [name for name in expected_runs(config) if name not in done]
 
@@ -182,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     sweep = parser.parse_args(argv).sweep
     config = sweep_config(sweep)
     paper = config.get("paper") or {}
-    rows, missing = collect(sweep, config)
+    try:
+        rows, missing = collect(sweep, config)
+    except ConfigError as err:
+        sys.exit(f"posae.report: {err}")
     paper_header, paper_body = paper_table(rows, paper)
     labels, paths, standard_body = standard_table(rows)
     (sweep / "report.md").write_text(

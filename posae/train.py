@@ -37,7 +37,7 @@ from posae.eval.held_out import held_out_pass
 from posae.eval.run import evaluate_run
 from posae.losses import LossTerm, build_loss_terms, check_contracts
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
-from posae.training.batches import BatchLoader, split_sequences, whole_sequences
+from posae.training.batches import BatchLoader, held_out_split, whole_sequences
 from posae.training.checkpoint import load_checkpoint
 from posae.training.loggers import make_logger
 from posae.training.run import run_config, run_name_and_group, shared_run_dir
@@ -93,7 +93,7 @@ def open_training_cache(plan: TrainingPlan, accelerator: Accelerator):
         build_cache(plan.req)
     cache = ActivationCache.open(CacheSpec.from_request(plan.req), plan.layer,
                                  plan.req.cache.verify)
-    return (cache, *split_sequences(len(cache), plan.trainer.eval_fraction))
+    return (cache, *held_out_split(cache, plan.req.dataset.pack, plan.trainer.eval_fraction))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

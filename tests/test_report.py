@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import pytest
@@ -92,6 +93,16 @@ def test_report_of_a_partly_finished_sweep_names_the_missing_runs_and_logs_to_wa
     tables = list(sweep.glob("wandb/offline-run-*/files/media/table/report_*.table.json"))
     assert len(tables) == 1, sorted(os.listdir(sweep / "wandb"))
     assert "baseline_relu" in tables[0].read_text()
+    header = rows[0]
+    assert "temporal.adjacent_jaccard_corrected" in header
+    assert "structure.mean_corrected_specificity" in header
+    # a run evaluated under the earlier metric definitions cannot share the table
+    old = json.loads((sweep / "1" / "metrics.json").read_text())
+    old.pop("metric_version")
+    (sweep / "1" / "metrics.json").write_text(json.dumps(old))
+    refused = run_module("posae.report", str(sweep), env={"WANDB_MODE": "offline"})
+    assert refused.returncode != 0
+    assert "different metric definitions (version 1: 1; version 2: 0, 2)" in refused.output
 
 
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from posae.data.cache_reader import ActivationCache
 from posae.eval.held_out import held_out_pass
 from posae.sae import load_sae
-from posae.training.batches import BatchLoader, whole_sequences
+from posae.training.batches import BatchLoader, held_out_split, whole_sequences
 
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
 # 200 sequences of 32 tokens; 20 steps of 512 tokens (16 windows).
@@ -40,12 +40,9 @@ def held_out_metrics(run_dir: Path) -> dict:
     sae = load_sae(run_dir / "sae")
     meta = json.loads((run_dir / "sae" / "cfg.json").read_text())
     cache = ActivationCache(Path(meta["cache"]))
-    n_eval = len(cache) - round(len(cache) * 0.95)
+    _, ids = held_out_split(cache, packed=True, eval_fraction=0.05)
     loader = BatchLoader(cache, cache.context_size, 1.0, False, torch.device("cpu"))
-    ids = list(range(len(cache) - n_eval, len(cache)))
-    import numpy as np
-
-    return held_out_pass(sae, (loader.load(u) for u in whole_sequences(np.array(ids), 32)),
+    return held_out_pass(sae, (loader.load(u) for u in whole_sequences(ids, 32)),
                          cache.context_size)["core"]
 
 

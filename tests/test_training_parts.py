@@ -9,7 +9,7 @@ from conftest import compose_config
 
 from posae.config import ConfigError, OptimConfig, trainer_config
 from posae.sae import REGISTRY, build_sae
-from posae.training.batches import WindowOrder, split_sequences
+from posae.training.batches import WindowOrder, document_links, split_by_documents
 from posae.training.dead import DeadLatents
 from posae.training.resampling import PositionActivity, lowest_fraction, resample_latents
 from posae.training.schedule import lr_multiplier
@@ -37,9 +37,40 @@ def test_window_order_resumes_exactly_and_ranks_stride_the_global_batch():
     assert sorted(map(tuple, np.concatenate(shares))) == sorted(map(tuple, batch))
 
 
-def test_held_out_sequences_are_the_last_ones():
-    train, held = split_sequences(100, 0.05)
-    assert list(held) == [95, 96, 97, 98, 99] and list(train) == list(range(95))
+def test_document_links_of_packed_sequences():
+    sep = 9  # [CLS]=1 content... [SEP]-suffix=2
+    tokens = np.array([[1, 5, 5, 5, 9, 2],    # ends a document exactly
+                       [1, 5, 9, 5, 5, 2],    # its second document continues ...
+                       [1, 5, 5, 5, 5, 2],    # ... through this one ...
+                       [1, 5, 9, 5, 5, 2]])   # ... and ends here
+    continues, has_sep = document_links(tokens, sep, 1, 1, packed=True)
+    assert list(continues) == [False, True, True, True] and list(has_sep) == [1, 1, 0, 1]
+    continues, _ = document_links(tokens, sep, 1, 1, packed=False)
+    assert not continues.any()
+
+
+def test_held_out_split_is_seeded_random_and_keeps_documents_whole():
+    n = 400
+    rng = np.random.default_rng(0)
+    continues = rng.random(n) < 0.7          # most sequences end inside a document
+    has_sep = continues.copy()
+    has_sep[rng.random(n) < 0.2] = False     # some lie entirely inside one document
+    has_sep[~continues] = True
+    train, held = split_by_documents(continues, has_sep, 0.05)
+    assert len(held) == 24 and not set(train) & set(held)
+    assert not (held == np.arange(n - 24, n)).all()  # not one corner of the corpus
+    assert (split_by_documents(continues, has_sep, 0.05)[1] == held).all()  # seeded
+    # every document that crosses a sequence boundary: from i, through sequences without
+    # a separator, to the first with one; none of them has sequences in both sets
+    side = np.zeros(n, int)
+    side[train], side[held] = 1, 2
+    for i in np.flatnonzero(continues[:-1]):
+        k = i + 1
+        while k < n - 1 and not has_sep[k]:
+            k += 1
+        assert not {1, 2} <= set(side[i : k + 1]), (i, k)
+    with pytest.raises(ValueError, match="too small"):
+        split_by_documents(np.ones(10, bool), np.zeros(10, bool), 0.5)
 
 
 @pytest.mark.parametrize("schedule, checks", [

@@ -109,6 +109,10 @@ class ActivationCache:
             self._maps[key] = np.load(self.dir / record["name"], mmap_mode="r")
         return self._maps[key]
 
+    def all_tokens(self) -> np.ndarray:
+        """Token ids of every cached sequence [n_seq, T], without reading activations."""
+        return np.concatenate([self._array(s, "tokens") for s in range(len(self.shards))])
+
     def sequences(self, index) -> SequenceBatch:
         """Sequences by global index (int, slice, or array), in the order asked."""
         if isinstance(index, slice):

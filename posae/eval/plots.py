@@ -92,6 +92,11 @@ def specificity_against_null(result: dict, n_fires: np.ndarray, path: Path, titl
     fires, spec = n_fires[scored], result["specificity"][scored]
     special = result["specialised"][scored]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if not scored.any():
+        ax.text(0.5, 0.5, "no latent fired often enough to be scored", ha="center",
+                transform=ax.transAxes)
+        ax.set_title(title)
+        return _save(fig, path)
     ax.scatter(fires[~special], spec[~special], s=4, color="grey", alpha=0.5,
                label="not above its null")
     ax.scatter(fires[special], spec[special], s=6, color="tab:purple",

@@ -48,11 +48,15 @@ from posae.eval.structure import (
 from posae.models.lm import load_language_model, resolve_device
 from posae.sae import load_sae
 from posae.sae.base import SAE
-from posae.training.batches import BatchLoader, split_sequences, whole_sequences
+from posae.training.batches import BatchLoader, held_out_split, whole_sequences
 
 log = logging.getLogger("posae")
 
 SCHEMA_VERSION = 1
+# The definitions behind the numbers (docs/metrics.md). 2: specificity against its null,
+# chance-corrected adjacency, zero ablation of every position, raw-feature probes, document
+# split, training-window dead fraction. posae.report refuses to mix versions.
+METRIC_VERSION = 2
 RUN_CONFIG = "run_config.yaml"
 
 
@@ -73,7 +77,8 @@ class RunInputs:
         self.sae: SAE = load_sae(self.run_dir / "sae", str(device))
         self.cache = ActivationCache.open(CacheSpec.from_request(self.req), self.layer,
                                           self.req.cache.verify)
-        _, self.eval_ids = split_sequences(len(self.cache), self.trainer.eval_fraction)
+        _, self.eval_ids = held_out_split(self.cache, self.req.dataset.pack,
+                                          self.trainer.eval_fraction)
 
     def held_out_batches(self, ids: np.ndarray, batch_sequences: int):
         # saved SAEs have the training input scale folded in: they read raw activations
@@ -82,12 +87,26 @@ class RunInputs:
         return (loader.load(units) for units in whole_sequences(ids, batch_sequences))
 
 
+def training_dead_fraction(inputs: RunInputs) -> dict:
+    """The headline dead fraction: latents that did not fire over the last
+    `trainer.dead_after_tokens` training tokens (as SAELens's dead-feature window), from
+    train_summary.json; the held-out pass alone sees too few tokens (a latent firing at
+    1e-5 looks dead on 25k tokens with probability 0.78). Null without a training record."""
+    summary = inputs.run_dir / "train_summary.json"
+    if not summary.exists():
+        return {"dead_fraction": None, "dead_window_tokens": None}
+    stats = json.loads(summary.read_text())["final_train_stats"]
+    return {"dead_fraction": stats["dead_fraction"],
+            "dead_window_tokens": inputs.trainer.dead_after_tokens}
+
+
 def _codes_for_probe(inputs: RunInputs, ids: np.ndarray, max_tokens: int, batch: int):
-    """Codes, raw activations, positions and sequence ids of up to `max_tokens` counted
-    held-out tokens, whole sequences at a time."""
+    """Codes (before any input-independent offset), raw activations, positions and sequence
+    ids of up to `max_tokens` counted held-out tokens, whole sequences at a time."""
     codes, raw, positions, sequences, n = [], [], [], [], 0
     for i, b in zip(range(0, len(ids), batch), inputs.held_out_batches(ids, batch)):
-        f = inputs.sae.encode(b.x, b.pos, b.mask)
+        out = inputs.sae(b.x, b.pos, b.mask)
+        f = out.extras.get("input_codes", out.f)
         rows = torch.as_tensor(ids[i : i + batch], device=b.x.device)[:, None].expand_as(b.pos)
         codes.append(f[b.mask].cpu().numpy())
         raw.append(b.x[b.mask].cpu().numpy())
@@ -133,7 +152,10 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
                            inputs.req.context_size)
     timings["held_out"] = time.perf_counter() - start
     arrays = result.pop("_arrays")
-    metrics = {"schema_version": SCHEMA_VERSION, "run_dir": str(inputs.run_dir),
+    result["core"]["dead_fraction_held_out"] = result["core"].pop("dead_fraction")
+    result["core"].update(training_dead_fraction(inputs))
+    metrics = {"schema_version": SCHEMA_VERSION, "metric_version": METRIC_VERSION,
+               "run_dir": str(inputs.run_dir),
                "sae": {"name": name, "architecture": sae.cfg.arch, "d_in": sae.cfg.d_in,
                        "d_sae": sae.cfg.d_sae},
                "model": inputs.req.model.name, "layer": inputs.layer,
@@ -181,7 +203,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
     if synthetic is not None:
         start = time.perf_counter()
         source = SyntheticActivations(synthetic, inputs.req.context_size)
-        found = recovery(sae, source, arrays["firing_rate"], arrays["positions"])
+        found = recovery(sae, source, arrays["firing_rate"], arrays["mean_activation"],
+                         arrays["positions"])
         metrics["recovery"] = found
         if cfg.plots:
             figures["recovery"] = plots.recovery_histogram(

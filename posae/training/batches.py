@@ -26,12 +26,67 @@ class Batch:
     tokens: Tensor  # [B, T] token ids
 
 
-def split_sequences(n_sequences: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Training and held-out sequence ids: the last `eval_fraction` of the cache is held out."""
-    n_eval = max(1, round(n_sequences * eval_fraction))
-    if n_eval >= n_sequences:
-        raise ValueError(f"a cache of {n_sequences} sequences is too small to hold out {n_eval}")
-    return np.arange(n_sequences - n_eval), np.arange(n_sequences - n_eval, n_sequences)
+def document_links(tokens: np.ndarray, separator: int | None, prefix_length: int,
+                   suffix_length: int, packed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per sequence [n_seq]: `continues` (its last document goes on into the next
+    sequence) and `has_separator` (a document ends inside it).
+
+    Packed sequences cut a stream of documents, each ended by `separator`; sequence i's last
+    document continues into i + 1 unless its last content token (before the tokenizer's
+    suffix) is the separator. Unpacked sequences (one document each) and sequences without
+    documents (synthetic) continue into nothing."""
+    n = len(tokens)
+    if not packed or separator is None:
+        return np.zeros(n, bool), np.ones(n, bool)
+    content = tokens[:, prefix_length : tokens.shape[1] - suffix_length]
+    return content[:, -1] != separator, (content == separator).any(1)
+
+
+def split_by_documents(continues: np.ndarray, has_separator: np.ndarray, eval_fraction: float,
+                       seed: int = 0, block: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out sequence ids. Held out: blocks of `block` consecutive
+    sequences drawn in a seeded random order until `eval_fraction` of the sequences are
+    held out, so the held-out set samples the whole corpus. A document that crosses from a
+    held-out block into a neighbouring sequence takes that sequence out of training too
+    (and the next, while the document goes on), so no document is in both sets."""
+    n = len(continues)
+    target = max(1, round(n * eval_fraction))
+    if target >= n:
+        raise ValueError(f"a cache of {n} sequences is too small to hold out {target}")
+    held = np.zeros(n, bool)
+    for b in np.random.default_rng(seed).permutation(-(-n // block)):
+        held[b * block : (b + 1) * block] = True
+        if held.sum() >= target:
+            break
+    shared = np.zeros(n, bool)
+    for i in np.flatnonzero(held):
+        j = i + 1  # forward: the document crossing i | i + 1 ends at j's first separator
+        while j < n and not held[j] and continues[j - 1]:
+            shared[j] = True
+            if has_separator[j]:
+                break
+            j += 1
+        j = i - 1  # backward: it began after j's last separator
+        while j >= 0 and not held[j] and continues[j]:
+            shared[j] = True
+            if has_separator[j]:
+                break
+            j -= 1
+    train = ~held & ~shared
+    if not train.any():
+        raise ValueError(f"a cache of {n} sequences is too small to hold out "
+                         f"{eval_fraction:.0%} and keep any whole document for training")
+    return np.flatnonzero(train), np.flatnonzero(held)
+
+
+def held_out_split(cache: ActivationCache, packed: bool, eval_fraction: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The training and held-out sequences of a cache (no document in both; seed 0, so every
+    run on a cache holds out the same sequences)."""
+    tokenizer = cache.manifest["tokenizer"]
+    links = document_links(cache.all_tokens(), tokenizer["separator"],
+                           len(tokenizer["prefix"]), len(tokenizer["suffix"]), packed)
+    return split_by_documents(*links, eval_fraction)
 
 
 class WindowOrder:
