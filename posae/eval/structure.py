@@ -7,11 +7,14 @@
   0.45 at 20 fires, 0.08 at 300), so each latent is compared with its null: its n fires
   dealt over positions in proportion to the tokens there (multinomial, `NULL_DRAWS`
   draws). Reported: the null's mean and the corrected specificity (s − s₀)/(1 − s₀).
-  "Specialised" needs significance: a Pearson χ² test of the latent's fires in
-  `n_buckets` equal position ranges against the counts the token distribution predicts
-  (B − 1 degrees of freedom; only latents that expect at least 5 fires in every range, so
-  that the χ² law holds), Benjamini–Hochberg at false-discovery rate `FDR` over the tested
-  latents. (Specificity itself has a discrete, heavy-tailed null at few fires, which no
+  "Specialised" needs an effect and its significance: a corrected specificity of at least
+  log 4 / log T (an effective number of positions exp(H) ≤ T/4: a quarter of the context
+  or less), and a Pearson χ² test of the latent's fires in `n_buckets` equal position
+  ranges against the counts the token distribution predicts (B − 1 degrees of freedom;
+  only latents that expect at least 5 fires in every range, so that the χ² law holds),
+  Benjamini–Hochberg at false-discovery rate `FDR` over the tested latents. Significance
+  alone is not enough: a latent seen 7,000 times differs significantly from uniform by a
+  few per cent, which every dense latent of a model with learned positions does. (Specificity itself has a discrete, heavy-tailed null at few fires, which no
   smooth law fits, hence the separate test.) Latents with fewer than `MIN_FIRES` fires are
   not scored.
 - Clusters of position profiles (001, figure 1): average-linkage hierarchical clustering
@@ -74,9 +77,11 @@ def position_specificity(fire_counts: np.ndarray, tokens: np.ndarray, n_buckets:
     p_value = bucket_chi2_p_values(counts, tokens, n_buckets)
     p_value[~scored] = np.nan
     tested = ~np.isnan(p_value)
-    specialised = np.zeros(len(spec), bool)
+    significant = np.zeros(len(spec), bool)
     if tested.any():
-        specialised[np.flatnonzero(tested)] = benjamini_hochberg(p_value[tested], FDR)
+        significant[np.flatnonzero(tested)] = benjamini_hochberg(p_value[tested], FDR)
+    with np.errstate(invalid="ignore"):
+        specialised = significant & (corrected >= np.log(4) / np.log(len(tokens)))
     return {"specificity": spec, "null_mean": null_mean, "null_sd": null_sd,
             "corrected": corrected, "p_value": p_value, "specialised": specialised}
 
