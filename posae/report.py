@@ -19,8 +19,10 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from posae import matched
 from posae.config import ConfigError  # also registers ${paper_steps:N} for sweep configs
 from posae.eval import plots
+from posae.matched import matched_point
 
 # (label, metrics.json path): the scalars every report shows
 STANDARD = [
@@ -64,7 +66,19 @@ def run_label(job: Path) -> str:
     """The job's sweep overrides, e.g. `+tc_sae_run=window_3` → `window_3`."""
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
     swept = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=")[0].endswith("_run")]
-    return ",".join(swept) or ",".join(overrides) or job.name
+    points = [o for o in overrides if o.lstrip("+").startswith("matched_point=")]
+    return ",".join(swept) or ",".join(o for o in overrides if o not in points) or job.name
+
+
+def point_name(job: Path) -> str | None:
+    """The job's `+matched_point=<name>` (matched-sparsity sweeps), or None."""
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("matched_point=")]
+    return names[0] if names else None
+
+
+def job_key(run: str, point: str | None) -> str:
+    return run if point is None else f"{run} @ {point}"
 
 
 def sweep_config(sweep: Path) -> dict:
@@ -78,8 +92,13 @@ def expected_runs(config: dict) -> list[str]:
     command line, else the experiment's sweeper parameter."""
     given = dict(o.split("=", 1) for o in config["hydra"]["overrides"]["task"] if "=" in o)
     params = {**(config["hydra"]["sweeper"]["params"] or {}), **given}
-    return [v.strip() for k, vs in params.items() if k.lstrip("+").endswith("_run")
-            for v in str(vs).split(",")]
+
+    def values(suffix):
+        return [v.strip() for k, vs in params.items() if k.lstrip("+").endswith(suffix)
+                for v in str(vs).split(",")]
+
+    points = values("matched_point") or [None]
+    return [job_key(run, point) for run in values("_run") for point in points]
 
 
 def run_metrics(job: Path) -> dict:
@@ -96,7 +115,8 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
     Refuses runs evaluated under different metric definitions (`metric_version`)."""
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name)
-    rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job)}
+    rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job),
+             "key": job_key(run_label(job), point_name(job)), "point": matched_point(job)}
             for job in jobs if (job / "metrics.json").exists()]
     versions: dict[int, list[str]] = {}
     for row in rows:  # metrics.json before metric_version existed: version 1
@@ -107,7 +127,7 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
         raise ConfigError(f"{sweep}: runs evaluated with different metric definitions "
                           f"({listing}); re-evaluate the older ones with "
                           f"`python -m posae.evaluate run_dir=<job>` (docs/metrics.md)")
-    done = {row["run"] for row in rows}
+    done = {row["key"] for row in rows}
     return rows, [name for name in expected_runs(config) if name not in done]
 
 
@@ -121,7 +141,7 @@ def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:
         header += [name, f"{name} (paper)"] if name in claimed else [name]
     body = []
     for r in rows:
-        row = [r["run"], r["metrics"]["sae"]["name"]]
+        row = [r["key"], r["metrics"]["sae"]["name"]]
         for name, paths in metrics.items():
             row.append(first_metric(r["metrics"], paths))
             if name in claimed:
@@ -135,7 +155,7 @@ def standard_table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
     kinds = sorted({k for r in rows if (k := metric(r["metrics"], "preservation.kind"))})
     extra = [(p.split(".")[-1], p) for kind in kinds for p in PRESERVATION[kind]]
     columns = STANDARD + extra
-    body = [[r["run"], r["metrics"]["sae"]["name"], *(metric(r["metrics"], p) for _, p in columns)]
+    body = [[r["key"], r["metrics"]["sae"]["name"], *(metric(r["metrics"], p) for _, p in columns)]
             for r in rows]
     return (["run", "variant", *(c for c, _ in columns)],
             ["run", "variant", *(p for _, p in columns)], body)
@@ -201,8 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"posae.report: {err}")
     paper_header, paper_body = paper_table(rows, paper)
     labels, paths, standard_body = standard_table(rows)
-    (sweep / "report.md").write_text(
-        markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing))
+    text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing)
+    groups = matched.aggregate(rows, first_metric)
+    methods = list(dict.fromkeys(r["run"] for r in rows if r["point"] is not None))
+    if groups:
+        text += "\n" + "\n".join(matched.markdown(rows, groups, methods))
+    (sweep / "report.md").write_text(text)
     csv_header = paper_header + paths[2:]
     csv_body = [p + s[2:] for p, s in zip(paper_body, standard_body)]
     with open(sweep / "report.csv", "w", newline="") as f:
@@ -214,8 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         images["metrics_by_run"] = plots.runs_comparison(
             *ours, sweep / "plots" / "metrics_by_run.png")
         images["position_curves_by_run"] = plots.position_curves_of_runs(
-            {r["run"]: r["metrics"]["by_position"] for r in rows},
+            {r["key"]: r["metrics"]["by_position"] for r in rows},
             sweep / "plots" / "position_curves_by_run.png")
+    if groups:
+        images["frontier"] = plots.matched_frontier(
+            groups, methods, [label for label, _ in matched.METRICS[1:]],
+            sweep / "plots" / "frontier.png", paper.get("title", "matched sparsity"))
     if (config.get("logger") or {}).get("name") == "wandb":
         log_to_wandb(config, sweep, csv_header, csv_body, images)
     print(f"{len(rows)} runs reported, {len(missing)} missing"

@@ -35,12 +35,12 @@ from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
 from posae.eval.held_out import held_out_pass
 from posae.eval.run import evaluate_run
-from posae.losses import LossTerm, build_loss_terms, check_contracts
+from posae.losses import LossTerm, build_loss_terms, check_contracts, match_l0
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, held_out_split, whole_sequences
 from posae.training.checkpoint import load_checkpoint
 from posae.training.loggers import make_logger
-from posae.training.run import run_config, run_name_and_group, shared_run_dir
+from posae.training.run import finished, run_config, run_name_and_group, shared_run_dir
 from posae.training.schedule import unfinished_schedules
 from posae.training.trainer import Trainer, TrainingInterrupted
 
@@ -81,6 +81,8 @@ def plan_training(cfg: DictConfig) -> TrainingPlan:
                                                                         req.model.d_model),
                         build_loss_terms(cfg.loss), eval_config(cfg.eval))
     check_contracts(plan.terms, plan.sae.name, architecture(plan.sae.arch))
+    if cfg.match_l0:
+        log.info("match_l0: %s", match_l0(plan.sae, plan.terms, int(cfg.scale.target_l0)))
     for warning in unfinished_schedules(cfg, math.ceil(tcfg.n_tokens / tcfg.batch_tokens)):
         log.warning(warning)
     return plan
@@ -101,6 +103,9 @@ def open_training_cache(plan: TrainingPlan, accelerator: Accelerator):
 def main(cfg: DictConfig) -> None:
     accelerator = make_accelerator(cfg.trainer)
     run_dir = shared_run_dir(accelerator)
+    if cfg.resume == "auto" and finished(run_dir):
+        log.info("%s already holds a finished run (resume=auto): skipped", run_dir)
+        return
     cfg, checkpoint = run_config(cfg, run_dir, accelerator.is_main_process)
     plan = plan_training(cfg)  # everything validated before any compute
     req, layer, tcfg, sae_cfg, ecfg = plan.req, plan.layer, plan.trainer, plan.sae, plan.eval

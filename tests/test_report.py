@@ -15,6 +15,7 @@ from posae.report import metric
 TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
         "trainer.batch_tokens=512", "trainer.n_tokens=5120", "trainer.cpu=true",
         "variant.expansion_factor=2", "layer=2", "eval.families=[]", "eval.plots=false"]
+MATCHED = {"pa_sae_matched": ("000_pa_sae", "pa_sae_run")}  # the matched-sparsity sweeps
 EXPERIMENTS = {  # experiment -> its paper folder and run group
     "pa_sae_runs": ("000_pa_sae", "pa_sae_run"), "atr_runs": ("001_atr", "atr_run"),
     "hierarchical_runs": ("002_hierarchical", "hierarchical_run"),
@@ -29,19 +30,25 @@ def cache_root(tmp_path_factory):
 
 
 def declared_runs(experiment: str) -> list[str]:
-    folder, group = {**EXPERIMENTS, "synthetic_runs": ("synthetic", "synthetic_run")}[experiment]
+    folder, group = {**EXPERIMENTS, **MATCHED,
+                     "synthetic_runs": ("synthetic", "synthetic_run")}[experiment]
     config = yaml.safe_load((REPO / "experiments" / folder / "experiment" / f"{experiment}.yaml")
                             .read_text())
     return config["hydra"]["sweeper"]["params"][f"+{group}"].split(",")
 
 
 def test_every_declared_run_has_a_file_and_at_most_ten_runs():
-    for experiment, (folder, group) in EXPERIMENTS.items():
+    used: dict[str, set] = {}
+    for experiment, (folder, group) in {**EXPERIMENTS, **MATCHED}.items():
         runs = declared_runs(experiment)
         assert 2 <= len(runs) <= 10, experiment
         assert len(set(runs)) == len(runs), experiment
         files = {p.stem for p in (REPO / "experiments" / folder / group).glob("*.yaml")}
-        assert set(runs) == files, experiment
+        assert set(runs) <= files, experiment
+        used.setdefault(group, set()).update(runs)
+        used[group + "_files"] = files
+    for group in {g for _, g in EXPERIMENTS.values()}:
+        assert used[group] == used[group + "_files"], group  # no file that no sweep runs
 
 
 def test_the_synthetic_sweep_runs_every_variant_once():
@@ -133,3 +140,61 @@ def test_a_sweep_through_a_hydra_launcher_as_on_a_cluster(tmp_path, cache_root):
     assert "Submitit 'local' sweep" in result.output
     report = run_module("posae.report", str(sweep))
     assert "2 runs reported, 0 missing" in report.output, report.output
+
+
+@pytest.mark.slow
+def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, cache_root):
+    """2 methods x 2 sparsity levels, 2 seeds at the common L0 (32), end to end."""
+    sweep = tmp_path / "sweep"
+    result = run_module("posae.train", "-m", "+experiment=pa_sae_matched", *TINY,
+                        "+pa_sae_run=t1_0_baseline,topk",
+                        "+matched_point=l0_32_seed0,l0_32_seed1,l0_16_seed0",
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert result.returncode == 0, result.output[-3000:]
+    report = run_module("posae.report", str(sweep))
+    assert report.returncode == 0, report.output
+    assert "6 runs reported, 0 missing" in report.output
+    text = (sweep / "report.md").read_text()
+    matched = text[text.index("## At matched L0 = 32"):text.index("## Frontier")]
+    baseline = next(line for line in matched.splitlines() if line.startswith("| t1_0_baseline"))
+    topk = next(line for line in matched.splitlines() if line.startswith("| topk"))
+    assert baseline.split(" | ")[1] == "2" and " ± " in baseline  # two seeds: mean ± sd
+    assert "32 ± 0" in topk  # TopK's L0 is its k = the target
+    assert "(higher)" in topk or "(lower)" in topk or "(no difference)" in topk
+    frontier = text[text.index("## Frontier"):]
+    assert "| topk | 16 |" in frontier and "| topk | 32 |" in frontier
+    assert (sweep / "plots" / "frontier.png").exists()
+    rows = list(csv.reader(open(sweep / "report.csv")))
+    assert "topk @ l0_16_seed0" in [r[0] for r in rows[1:]]
+
+
+@pytest.mark.slow
+def test_the_components_off_control_equals_its_baseline(tmp_path, cache_root):
+    """000's PA-SAE with every mechanism off trains to the baseline's weights exactly."""
+    from safetensors.torch import load_file
+
+    sweep = tmp_path / "sweep"
+    result = run_module("posae.train", "-m", "+experiment=pa_sae_runs", *TINY,
+                        "+pa_sae_run=t1_0_baseline,components_off", "eval.enabled=false",
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert result.returncode == 0, result.output[-3000:]
+    baseline, off = (load_file(str(sweep / job / "sae" / "sae_weights.safetensors"))
+                     for job in ("0", "1"))
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert (baseline[name] == off[name]).all(), name
+
+
+@pytest.mark.slow
+def test_a_relaunched_sweep_skips_finished_jobs_and_redoes_the_rest(tmp_path, cache_root):
+    sweep = tmp_path / "sweep"
+    command = ["posae.train", "-m", "+experiment=pa_sae_runs", *TINY,
+               "+pa_sae_run=t1_0_baseline,components_off", f"cache.root={cache_root}",
+               f"hydra.sweep.dir={sweep}"]
+    assert run_module(*command, timeout=900).returncode == 0
+    kept = (sweep / "0" / "metrics.json").stat().st_mtime_ns
+    (sweep / "1" / "metrics.json").unlink()  # job 1 was interrupted before its evaluation
+    again = run_module(*command, "resume=auto", timeout=900)
+    assert again.returncode == 0, again.output[-3000:]
+    assert "already holds a finished run (resume=auto): skipped" in again.output
+    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == kept
+    assert (sweep / "1" / "metrics.json").exists()

@@ -14,9 +14,9 @@
   only latents that expect at least 5 fires in every range, so that the χ² law holds),
   Benjamini–Hochberg at false-discovery rate `FDR` over the tested latents. Significance
   alone is not enough: a latent seen 7,000 times differs significantly from uniform by a
-  few per cent, which every dense latent of a model with learned positions does. (Specificity itself has a discrete, heavy-tailed null at few fires, which no
-  smooth law fits, hence the separate test.) Latents with fewer than `MIN_FIRES` fires are
-  not scored.
+  few per cent, which every dense latent of a model with learned positions does.
+  (Specificity itself has a discrete, heavy-tailed null at few fires, which no smooth law
+  fits, hence the separate test.) Latents with fewer than `MIN_FIRES` fires are not scored.
 - Clusters of position profiles (001, figure 1): average-linkage hierarchical clustering
   of the profiles p_i of the most active latents under correlation distance; the number
   of clusters is the cut with the best silhouette among 2..max_clusters.

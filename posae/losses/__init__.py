@@ -48,4 +48,27 @@ def check_contracts(terms: dict[str, LossTerm], variant: str, architecture: type
                 f"drop {name} from loss=[...]")
 
 
-__all__ = ["Coefficient", "LossTerm", "StepContext", "build_loss_terms", "check_contracts"]
+def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int) -> str:
+    """Set the SAE's sparsity to `target` active latents (`match_l0=true`, the
+    matched-sparsity protocol, docs/protocol.md) and say how: TopK-family architectures
+    take k = target; otherwise the coefficient of the one sparsity penalty becomes
+    integral control toward it (`IntegralL1`, starting from the configured value)."""
+    from posae.losses.controllers import IntegralL1
+
+    if hasattr(sae_cfg, "k"):
+        sae_cfg.k = target
+        sae_cfg.validate()
+        return f"variant.k = {target}"
+    penalties = [name for name, term in terms.items() if term.sets_sparsity]
+    if len(penalties) != 1:
+        raise ConfigError(
+            f"match_l0: variant={sae_cfg.name} needs a k or exactly one sparsity penalty "
+            f"(l1, importance_l1, l0) in loss=[...] to set its L0, found "
+            f"{penalties or 'none'} among {list(terms)}")
+    term = terms[penalties[0]]
+    term.coefficient = IntegralL1(value=term.coefficient.value, target_l0=target)
+    return f"loss.{penalties[0]}.coef under integral control toward L0 = {target}"
+
+
+__all__ = ["Coefficient", "LossTerm", "StepContext", "build_loss_terms", "check_contracts",
+           "match_l0"]

@@ -31,7 +31,11 @@ class StepContext:
 
 
 class Coefficient:
-    """A loss coefficient: value at a step, optionally updated from training statistics."""
+    """A loss coefficient: value at a step, optionally updated from training statistics.
+    `value` is the configured value (the `coef` or `coef.value` key) it starts from or
+    scales."""
+
+    value: float
 
     def __call__(self, step: int) -> float:
         raise NotImplementedError
@@ -76,6 +80,9 @@ class LossTerm:
     # Keys of `SAEOutput.extras` this term reads; checked against the architecture's
     # `SAE.provides` when the config is read (posae.losses.check_contracts).
     requires: ClassVar[tuple[str, ...]] = ()
+    # A penalty whose coefficient sets the SAE's L0 (L1, importance-weighted L1, L0): the
+    # one `match_l0=true` puts under integral control toward the target L0.
+    sets_sparsity: ClassVar[bool] = False
 
     def __init__(self, coef: float | Coefficient = 1.0, warmup_steps: int = 0):
         self.coefficient = make_coefficient(coef, warmup_steps)

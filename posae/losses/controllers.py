@@ -34,16 +34,16 @@ class AdaptiveL1(Coefficient):
 
     def __init__(self, value: float = 0.04, eta: float = 0.002, target_l0: float = 320.0,
                  max_exponent: float = 20.0):
-        self.initial, self.eta, self.target = float(value), float(eta), float(target_l0)
+        self.value, self.eta, self.target = float(value), float(eta), float(target_l0)
         self.max_exponent = max_exponent
-        self.current = self.initial
+        self.current = self.value
 
     def __call__(self, step: int) -> float:
         return self.current
 
     def update(self, stats: dict[str, float]) -> None:
         exponent = self.eta * (stats["l0"] - self.target)
-        self.current = self.initial * math.exp(max(-self.max_exponent,
+        self.current = self.value * math.exp(max(-self.max_exponent,
                                                    min(self.max_exponent, exponent)))
 
     def state_dict(self) -> dict:
@@ -66,12 +66,12 @@ class IntegralL1(Coefficient):
                  max_exponent: float = 20.0):
         if target_l0 <= 0 or gain <= 0 or value <= 0:
             raise ValueError("loss.l1.coef: value, gain and target_l0 must be positive")
-        self.initial, self.gain, self.target = float(value), float(gain), float(target_l0)
+        self.value, self.gain, self.target = float(value), float(gain), float(target_l0)
         self.max_exponent = max_exponent
         self.log_ratio = 0.0
 
     def __call__(self, step: int) -> float:
-        return self.initial * math.exp(self.log_ratio)
+        return self.value * math.exp(self.log_ratio)
 
     def update(self, stats: dict[str, float]) -> None:
         error = math.log(max(stats["l0"], 1e-3) / self.target)
@@ -100,7 +100,7 @@ class MomentumFromReconstruction(Coefficient):
     """
 
     def __init__(self, value: float = 0.002, momentum: float = 0.95, initial: float = 0.0):
-        self.base, self.momentum = float(value), float(momentum)
+        self.value, self.momentum = float(value), float(momentum)
         self.current = float(initial)
 
     def __call__(self, step: int) -> float:
@@ -108,7 +108,7 @@ class MomentumFromReconstruction(Coefficient):
 
     def update(self, stats: dict[str, float]) -> None:
         quality = min(1.0, max(0.0, 1.0 - stats["fvu"]))
-        self.current = self.momentum * self.current + (1 - self.momentum) * self.base * quality
+        self.current = self.momentum * self.current + (1 - self.momentum) * self.value * quality
 
     def state_dict(self) -> dict:
         return {"current": self.current}

@@ -9,6 +9,8 @@ class L1(LossTerm):
     """λ Σ_i |f_i| per token (000 eq. 1, second term). Architectures may name other codes
     to penalise in `extras["l1_codes"]` (the Gated SAE's ReLU(π_gate))."""
 
+    sets_sparsity = True
+
     def per_token(self, out, batch, ctx):
         return out.extras.get("l1_codes", out.f).abs().sum(-1)
 
@@ -18,6 +20,7 @@ class ImportanceWeightedL1(LossTerm):
     PA-SAE hands over in `extras["position_weights"]` (L·softmax over positions)."""
 
     requires = ("position_weights",)
+    sets_sparsity = True
 
     def per_token(self, out, batch, ctx):
         return (out.extras["position_weights"] * out.f.abs()).sum(-1)
@@ -27,6 +30,7 @@ class L0(LossTerm):
     """λ Σ_i H(pre_i - θ_i) per token, the JumpReLU penalty with its STE (`extras["l0"]`)."""
 
     requires = ("l0",)
+    sets_sparsity = True
 
     def per_token(self, out, batch, ctx):
         return out.extras["l0"]

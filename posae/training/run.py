@@ -36,13 +36,24 @@ def run_name_and_group(run_dir: Path) -> tuple[str, str | None]:
     return run_dir.name, None
 
 
+def finished(run_dir: Path) -> bool:
+    """The run in this folder trained and was evaluated (or needs no evaluation)."""
+    return (run_dir / "metrics.json").exists() or (
+        (run_dir / "train_summary.json").exists() and (run_dir / RUN_CONFIG).exists()
+        and not OmegaConf.load(run_dir / RUN_CONFIG).eval.enabled)
+
+
 def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfig, Path | None]:
     """The config this run uses and the checkpoint to continue from, if any.
 
     A new run saves its resolved config. `resume=true` reloads it: overrides given again must
     match it (a sweep can be relaunched as it was), and other overrides are refused.
+    `resume=auto` resumes a folder that holds a checkpoint and starts one that does not
+    (a relaunched sweep; `finished` tells which jobs to skip).
     """
     saved = run_dir / RUN_CONFIG
+    if cfg.resume == "auto":
+        cfg.resume = bool(saved.exists() and latest_checkpoint(run_dir))
     if not cfg.resume:
         if saved.exists() and latest_checkpoint(run_dir):
             raise ConfigError(f"hydra.run.dir: {run_dir} already holds a run; pass resume=true to "
