@@ -153,7 +153,7 @@ def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:
 def standard_table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
     """Labels, metrics.json paths and values of the standard metrics of every run."""
     kinds = sorted({k for r in rows if (k := metric(r["metrics"], "preservation.kind"))})
-    extra = [(p.split(".")[-1], p) for kind in kinds for p in PRESERVATION[kind]]
+    extra = [(p.split(".")[-1], p) for kind in kinds for p in PRESERVATION.get(kind, [])]
     columns = STANDARD + extra
     body = [[r["key"], r["metrics"]["sae"]["name"], *(metric(r["metrics"], p) for _, p in columns)]
             for r in rows]

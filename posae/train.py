@@ -37,7 +37,7 @@ from posae.eval.held_out import held_out_pass
 from posae.eval.run import evaluate_run
 from posae.losses import LossTerm, build_loss_terms, check_contracts, match_l0
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
-from posae.training.batches import BatchLoader, held_out_split, whole_sequences
+from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
 from posae.training.checkpoint import load_checkpoint
 from posae.training.loggers import make_logger
 from posae.training.run import finished, run_config, run_name_and_group, shared_run_dir
@@ -139,6 +139,7 @@ def main(cfg: DictConfig) -> None:
             "dataset": req.dataset.name, "cache": str(cache.dir),
             "folded_input_scale": trainer.scale,
             "train_on_special_tokens": tcfg.train_on_special_tokens,
+            "held_out_split": split_fingerprint(eval_ids),
         })
         loader = BatchLoader(cache, req.context_size, 1.0, tcfg.train_on_special_tokens,
                              accelerator.device)

@@ -159,8 +159,7 @@ def test_absorbing_latents_are_counted(minilm, special, probed):
         assert r["absorbed"] == len(absorbed[i])
         if n_right:
             assert r["full_absorption_rate"] == pytest.approx(len(absorbed[i]) / n_right)
-            # an absorbed word's projection is all the absorber's, the others all the main's
-            assert r["partial_absorption_fraction"] == pytest.approx(r["full_absorption_rate"])
+            assert 0 <= r["partial_absorption_fraction"] <= r["full_absorption_rate"] + 1e-9
         else:
             assert r["full_absorption_rate"] is None
     assert out["mean_full_absorption_rate"] >= 0.5
@@ -176,3 +175,21 @@ def test_only_letters_the_probe_gets_right_often_enough_are_scored(minilm, speci
     kept = {c for c, r in every["per_letter"].items() if r["probe_f1"] > 0.3}
     assert set(filtered.get("per_letter", {})) == kept
     assert filtered["n_letters_scored"] == len(kept) < every["n_letters_scored"]
+
+
+def test_absorption_fraction_follows_saebench_rule_case_by_case():
+    """Latents: 0 the main one, 1-4 others; unit decoders; probe direction u = e0."""
+    from posae.eval.absorption import absorption_fraction
+
+    u = np.eye(4)[0]
+    W_dec = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0.8, 0.6, 0, 0], [0.05, 0.99875, 0, 0],
+                      [1, 0, 0, 0]], dtype=float)
+    x = np.array([[2.0, 0, 0, 0]] * 5)  # input projection P = 2
+    f = np.array([[2.5, 1, 0, 0, 0],    # main covers P: 0
+                  [0, 1, 0.5, 0, 0],    # main silent, absorbers 1 + 0.4 >= 0.8: 1
+                  [1, 0.9, 0, 0, 0],    # A = 0.9 >= 0.8, a = min(0.9, 2 - 1): 0.9 / 1.9
+                  [1, 0, 0, 5, 0],      # only absorber has cos 0.05 < 0.1: 0
+                  [1, 0.2, 0, 0, 0.3]])  # A = 0.5 < 0.4 P = 0.8: 0
+    cfg = AbsorptionConfig()
+    got = absorption_fraction(f, x, [0], W_dec, u, cfg)
+    np.testing.assert_allclose(got, [0, 1, 0.9 / 1.9, 0, 0])

@@ -60,6 +60,13 @@ def test_training_evaluates_at_its_end_and_evaluate_reruns_it(tmp_path):
     assert again.returncode == 0, again.output
     rerun = json.loads((run_dir / "metrics.json").read_text())
     assert rerun["core"] == metrics["core"] and "preservation" not in rerun
+    # a run whose saved SAE records another held-out split is not evaluated on sequences it
+    # may have trained on
+    record = json.loads((run_dir / "sae" / "cfg.json").read_text())
+    record.pop("held_out_split")
+    (run_dir / "sae" / "cfg.json").write_text(json.dumps(record))
+    refused = run_module("posae.evaluate", f"run_dir={run_dir}", "eval.families=[structure]")
+    assert refused.returncode == 2 and "trained holding out other sequences" in refused.output
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from conftest import identity_sae
 from test_hooks import build as build_tiny_lm
 
-from posae.eval.held_out import held_out_pass
+from posae.eval.held_out import _pair_similarity, held_out_pass
 from posae.eval.preservation import model_preservation
 from posae.eval.structure import (
     position_decodability,
@@ -323,3 +323,24 @@ def test_a_small_position_effect_on_a_dense_latent_is_not_specialisation():
     counts = rng.multinomial(50000, share / share.sum(), size=3).T
     result = position_specificity(counts, tokens)
     assert (result["p_value"] < 1e-6).all() and not result["specialised"].any()
+
+
+def test_chance_pairs_do_not_come_from_the_neighbouring_sequence():
+    """Consecutive held-out sequences often continue one document. Codes that persist over
+    hundreds of tokens, cut into consecutive rows: the chance value must match that of
+    independent rows, not the inflated value of pairing a row with its neighbour."""
+    g = torch.Generator().manual_seed(0)
+    b, t, k = 32, 64, 100
+    state, steps = (torch.rand(1, k, generator=g) < 0.1).float(), []
+    for _ in range(b * t):  # one stream, runs of ~200 tokens
+        flip = torch.rand(1, k, generator=g) < 0.005
+        state = torch.where(flip, (torch.rand(1, k, generator=g) < 0.1).float(), state)
+        steps.append(state)
+    stream = torch.cat(steps).reshape(b, t, k)
+    rows = Batch(stream, torch.arange(t).expand(b, t), torch.ones(b, t, dtype=bool),
+                 torch.zeros(b, t, dtype=torch.long))
+    chance = held_out_pass(CodesAreInputs(k), [rows], t)["temporal"]["adjacent_jaccard_chance"]
+    # independent sets of ~10 of 100 latents: E|A ∩ B| = 1, E|A ∪ B| = 19
+    assert chance == pytest.approx(1 / 19, abs=0.02)
+    neighbour, _ = _pair_similarity(stream[1:, :-1].reshape(-1, k), stream[:-1, 1:].reshape(-1, k))
+    assert neighbour.mean() > chance + 0.1  # what pairing with the previous row gave

@@ -21,10 +21,11 @@ as SAEBench implements it), on the model's own vocabulary, without in-context ex
    f_j (W_dec,j · u) ≥ `projection_fraction` × Σ_i f_i (W_dec,i · u), the probe
    projection of the reconstruction without b_dec (SAEBench divides by that of the input).
    Full absorption rate = absorbed / correctly classified test words of the letter.
-   Partial absorption fraction (SAEBench's "absorption fraction"): per correctly classified
-   word, the share of that probe projection not carried by the main latents,
-   clip(1 − Σ_main f_j (W_dec,j · u) / Σ_i f_i (W_dec,i · u), 0, 1) (0 where the
-   projection is not positive), averaged over the letter's words.
+   Absorption fraction (SAEBench's partial absorption, Till's rule), per correctly
+   classified word, with latent projections p_i = f_i cos(W_dec,i, u), the main latents'
+   M = Σ_main p_j, the input's P = x · u, and A the sum of the 3 largest positive p_i of
+   other latents with cos ≥ `fraction_cos_threshold` (0.1): 0 if M ≥ P or A < 0.4 P;
+   1 if M ≤ 0; else a/(a + M) with a = min(A, P − M). Averaged over the letter's words.
 6. Letters scored: at least `min_test_words` test words and a per-letter probe F1 (one
    letter against the rest, on the test words) above `min_letter_f1` = 0.6, as SAEBench
    filters them. Guard: with a probe below `min_probe_accuracy` or fewer than `min_letters`
@@ -67,6 +68,8 @@ class AbsorptionConfig:
     projection_fraction: float = 0.4
     min_probe_accuracy: float = 0.6
     min_letter_f1: float = 0.6    # a letter is scored only when the probe's F1 on it is above
+    fraction_cos_threshold: float = 0.1  # decoder-probe cosine of a partial absorber
+    fraction_max_absorbers: int = 3
     min_test_words: int = 5       # a letter is scored with at least this many test words
     min_letters: int = 13         # ... and the result is meaningful with this many letters
 
@@ -184,15 +187,26 @@ def absorbed_words(f: np.ndarray, main: list[int], W_dec: np.ndarray, u: np.ndar
     return ~(f[:, main] > FIRES).any(1) & (total[:, 0] > 0) & absorber.any(1)
 
 
-def partial_absorption(f: np.ndarray, main: list[int], W_dec: np.ndarray, u: np.ndarray
-                       ) -> np.ndarray:
-    """Per word: the share of the probe projection of the reconstruction that latents other
-    than the main ones carry, in [0, 1] (0 where the projection is not positive)."""
-    contrib = f * (W_dec @ u)
-    total, by_main = contrib.sum(1), contrib[:, main].sum(1)
+def absorption_fraction(f: np.ndarray, x: np.ndarray, main: list[int], W_dec: np.ndarray,
+                        u: np.ndarray, cfg: AbsorptionConfig) -> np.ndarray:
+    """Per word (codes f [n, d_sae], inputs x [n, d]): SAEBench's absorption fraction, the
+    part of the input's probe projection that up to 3 aligned latents other than the main
+    ones carry instead of them (module docstring, step 5)."""
+    cos = (W_dec @ u) / np.maximum(np.linalg.norm(W_dec, axis=1), 1e-12)
+    projection = f * cos
+    by_main, by_input = projection[:, main].sum(1), x @ u
+    other = np.ones(len(W_dec), bool)
+    other[main] = False
+    candidates = np.where(other & (cos >= cfg.fraction_cos_threshold) & (projection > 0),
+                          projection, 0.0)
+    k = min(cfg.fraction_max_absorbers, candidates.shape[1])
+    absorbers = -np.sort(-candidates, axis=1)[:, :k].sum(1)
+    absorbed = np.minimum(absorbers, by_input - by_main)
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.clip(1 - by_main / total, 0, 1)
-    return np.where(total > 0, share, 0.0)
+        fraction = np.clip(absorbed / (absorbed + by_main), 0.0, 1.0)
+        enough = absorbers >= cfg.projection_fraction * by_input
+    fraction = np.where(by_main <= 0, 1.0, fraction)
+    return np.where((by_main >= by_input) | ~enough, 0.0, fraction)
 
 
 def absorption(sae: SAE, lm: LanguageModel, special: SpecialTokens, layer: int,
@@ -231,7 +245,7 @@ def absorption(sae: SAE, lm: LanguageModel, special: SpecialTokens, layer: int,
         right = (y_te == i) & (pred == i)
         u = probe.W[i] / np.linalg.norm(probe.W[i])
         absorbed = int(absorbed_words(f_te[right], main, W_dec, u, cfg).sum())
-        partial = partial_absorption(f_te[right], main, W_dec, u)
+        partial = absorption_fraction(f_te[right], data.x[te][right], main, W_dec, u, cfg)
         per_letter[LETTERS[i]] = {
             "n_train": int(n_train[i]), "n_test": int(n_test[i]),
             "probe_f1": float(letter_f1[i]),

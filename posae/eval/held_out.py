@@ -9,7 +9,9 @@ the global/positional split of architectures that have one.
     Jaccard(t) = |A_t ∩ A_{t+1}| / |A_t ∪ A_{t+1}|,  code cosine(t) = cos(f_t, f_{t+1})
     over pairs of counted, consecutive tokens of one sequence, each beside its chance
     value: the same over shuffled pairs (token t of one sequence with token t + 1 of the
-    next sequence in the batch, at the same positions), and corrected (v − v₀)/(1 − v₀).
+    sequence half a batch of held-out sequences away, at the same positions: never a
+    neighbour, which would often continue the same document), and corrected
+    (v − v₀)/(1 − v₀).
 
 Per-position EV uses the per-position mean: 1 − SSE_t / Σ_t ‖x − E_t x‖², null at a
 position with fewer than MIN_POSITION_TOKENS tokens.
@@ -97,9 +99,11 @@ class HeldOutAccumulator:
         self.code_cos.index_add_(0, t, cos)
         if len(f) < 2:
             return
-        # chance: token t of sequence r with token t + 1 of sequence r - 1, same positions
-        successor, successor_pairs = f[:, 1:].roll(1, 0), pairs.roll(1, 0)
-        shuffled = pairs & successor_pairs & (pos[:, :-1] == pos[:, :-1].roll(1, 0))
+        # chance: token t of sequence r with token t + 1 of sequence r - B/2, same positions;
+        # half a batch apart, not neighbours, which often continue one document
+        shift = len(f) // 2
+        successor, successor_pairs = f[:, 1:].roll(shift, 0), pairs.roll(shift, 0)
+        shuffled = pairs & successor_pairs & (pos[:, :-1] == pos[:, :-1].roll(shift, 0))
         jaccard, cos = _pair_similarity(f[:, :-1][shuffled], successor[shuffled])
         self.chance += torch.stack([torch.ones_like(jaccard).sum(), jaccard.sum(), cos.sum()])
 

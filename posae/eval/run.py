@@ -48,7 +48,7 @@ from posae.eval.structure import (
 from posae.models.lm import load_language_model, resolve_device
 from posae.sae import load_sae
 from posae.sae.base import SAE
-from posae.training.batches import BatchLoader, held_out_split, whole_sequences
+from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
 
 log = logging.getLogger("posae")
 
@@ -79,6 +79,14 @@ class RunInputs:
                                           self.req.cache.verify)
         _, self.eval_ids = held_out_split(self.cache, self.req.dataset.pack,
                                           self.trainer.eval_fraction)
+        trained_with = json.loads((self.run_dir / "sae" / "cfg.json").read_text()).get(
+            "held_out_split")
+        if trained_with != split_fingerprint(self.eval_ids):
+            raise ConfigError(
+                f"run_dir: {self.run_dir} was trained holding out other sequences "
+                f"({trained_with or 'the last 5 % of the cache, before 2026-12'}) than "
+                f"the evaluation would use now ({split_fingerprint(self.eval_ids)}): its "
+                f"numbers would include sequences it trained on; retrain it")
 
     def held_out_batches(self, ids: np.ndarray, batch_sequences: int):
         # saved SAEs have the training input scale folded in: they read raw activations
@@ -87,22 +95,32 @@ class RunInputs:
         return (loader.load(units) for units in whole_sequences(ids, batch_sequences))
 
 
+def subsample(ids: np.ndarray, n: int | None) -> np.ndarray:
+    """A seeded random subset of n held-out sequences, in order (all of them for None), so
+    that a budget of sequences samples the whole held-out set, not its first blocks."""
+    if n is None or n >= len(ids):
+        return ids
+    return np.sort(np.random.default_rng(0).choice(ids, n, replace=False))
+
+
 def training_dead_fraction(inputs: RunInputs) -> dict:
     """The headline dead fraction: latents that did not fire over the last
     `trainer.dead_after_tokens` training tokens (as SAELens's dead-feature window), from
     train_summary.json; the held-out pass alone sees too few tokens (a latent firing at
     1e-5 looks dead on 25k tokens with probability 0.78). Null without a training record."""
-    summary = inputs.run_dir / "train_summary.json"
-    if not summary.exists():
+    path, window = inputs.run_dir / "train_summary.json", inputs.trainer.dead_after_tokens
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if summary.get("tokens", 0) < window:  # no record, or too short a run to tell
         return {"dead_fraction": None, "dead_window_tokens": None}
-    stats = json.loads(summary.read_text())["final_train_stats"]
-    return {"dead_fraction": stats["dead_fraction"],
-            "dead_window_tokens": inputs.trainer.dead_after_tokens}
+    return {"dead_fraction": summary["final_train_stats"].get("dead_fraction"),
+            "dead_window_tokens": window}
 
 
 def _codes_for_probe(inputs: RunInputs, ids: np.ndarray, max_tokens: int, batch: int):
     """Codes (before any input-independent offset), raw activations, positions and sequence
-    ids of up to `max_tokens` counted held-out tokens, whole sequences at a time."""
+    ids of up to `max_tokens` counted held-out tokens, whole sequences at a time, drawn in
+    a seeded random order from the whole held-out set."""
+    ids = np.random.default_rng(0).permutation(ids)
     codes, raw, positions, sequences, n = [], [], [], [], 0
     for i, b in zip(range(0, len(ids), batch), inputs.held_out_batches(ids, batch)):
         out = inputs.sae(b.x, b.pos, b.mask)
@@ -145,7 +163,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
     device = resolve_device(cfg.device)
     inputs = RunInputs(run_dir, device)
     sae, name = inputs.sae, inputs.sae.cfg.name
-    ids = inputs.eval_ids[: cfg.max_sequences] if cfg.max_sequences else inputs.eval_ids
+    ids = subsample(inputs.eval_ids, cfg.max_sequences)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     result = held_out_pass(sae, inputs.held_out_batches(ids, cfg.batch_sequences),
@@ -224,7 +242,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
         start = time.perf_counter()
         metrics["preservation"] = model_preservation(
             sae, lm, inputs.layer, _preservation_sequences(
-                inputs, ids[: cfg.preservation_sequences], cfg.batch_sequences))
+                inputs, subsample(ids, cfg.preservation_sequences), cfg.batch_sequences))
         timings["preservation"] = time.perf_counter() - start
     if "probing" in needs_lm:
         start = time.perf_counter()

@@ -40,6 +40,10 @@ REGISTRY: dict[str, type[SAE]] = {
 }
 
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+# 2 (2026-12): PA-SAE rates stopped scaling the forward pass; the hierarchical SAE's routing
+# gained per-head values and an output projection. Older saves of these compute other codes.
+FORMAT_VERSION = 2
+CHANGED_IN = {"pa_sae": 2, "hierarchical": 2}
 
 
 def architecture(name: str) -> type[SAE]:
@@ -70,8 +74,8 @@ def build_sae(cfg: SAEConfig) -> SAE:
 
 def save_sae(sae: SAE, folder: Path, metadata: dict | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"architecture": sae.cfg.arch, "config": dataclasses.asdict(sae.cfg),
-              **(metadata or {})}
+    record = {"architecture": sae.cfg.arch, "format_version": FORMAT_VERSION,
+              "config": dataclasses.asdict(sae.cfg), **(metadata or {})}
     (folder / CONFIG_FILE).write_text(json.dumps(record, indent=1))
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()},
               str(folder / WEIGHTS_FILE))
@@ -80,6 +84,10 @@ def save_sae(sae: SAE, folder: Path, metadata: dict | None = None) -> None:
 def load_sae(folder: Path, device: str = "cpu") -> SAE:
     record = json.loads((Path(folder) / CONFIG_FILE).read_text())
     cls = architecture(record["architecture"])
+    if record.get("format_version", 1) < CHANGED_IN.get(record["architecture"], 0):
+        raise ConfigError(f"{Path(folder) / CONFIG_FILE}: a {record['architecture']} SAE saved "
+                          f"before format version {CHANGED_IN[record['architecture']]}, whose "
+                          f"codes this version of posae computes differently; retrain it")
     sae = cls(cls.config_class(**record["config"]))
     sae.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE), device=device))
     return sae.to(device).eval()

@@ -4,8 +4,8 @@ gradient statistics behind its importance-weighted L1.
     f_l = ReLU(m_l ⊙ pre)                                            (000 eq. 2-3)
       m_l = sigmoid(M_l) (soft) | 1[sigmoid(M_l) > 1/2] with a straight-through gradient
             (hard) | 1 (mask: none);  M ∈ R^{L×k} learned logits
-    ∂L/∂f_l ← ∂L/∂f_l · α_l / α_0 in the backward pass: α_l is the learning rate of what
-            tokens at position l teach latent i
+    ∂L/∂f_l ← ∂L/∂f_l · α_l / α_0 in the backward pass: α_l weighs what tokens at
+            position l teach latent i
     α_l ← clip(α_l (1 + γ (g_l - mean_l g_l)), α_min, α_max)          (000 eq. 4)
     EMA_l ← β EMA_l + (1 - β) g_l;  w = softmax over positions of EMA (000 eq. 6)
 
@@ -16,12 +16,14 @@ multiplies it by the trainer's token-gradient scale (the number of tokens the lo
 size 000 means. The statistics are summed over processes and applied in `before_step`.
 Readings (docs/variants.md): α and w are per (position, latent), as 000 §5.1 sizes them.
 000 calls α "position-specific learning rates" and leaves it out of eq. 3, so the forward
-pass is eq. 3 as written and α scales the gradient that flows back through f_{l,i} (÷ α_0,
-so that training starts at the optimiser's own rate): a per-(position, latent) learning
-rate, bounded to 0.1–10× by α_min and α_max. (Multiplying the pre-activations by α/α_0
-instead, our first reading, is unstable with per-token gradients: rates grow where the
-error is large, which makes codes and error larger.) w is handed to the `importance_l1`
-term as L·w, so uniform weights give the plain L1.
+pass is eq. 3 as written and α scales the gradient that flows back through f_{l,i} (÷ α_0).
+Under Adam this is a re-weighting, not a learning rate: a factor common to all of a
+parameter's gradient cancels in Adam's normalisation (the mask logit M_{l,i} is not sped
+up), and what remains is how much each position's tokens weigh in the gradient of latent
+i's encoder row and bias, between 0.1× and 10× each other (α_min, α_max). (Multiplying the
+pre-activations by α/α_0 instead, our first reading, is unstable with per-token gradients:
+rates grow where the error is large, which makes codes and error larger.) w is handed to
+the `importance_l1` term as L·w, so uniform weights give the plain L1.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ only on (seed, epoch), which makes it resumable and identical for any number of 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,12 @@ def split_by_documents(continues: np.ndarray, has_separator: np.ndarray, eval_fr
         raise ValueError(f"a cache of {n} sequences is too small to hold out "
                          f"{eval_fraction:.0%} and keep any whole document for training")
     return np.flatnonzero(train), np.flatnonzero(held)
+
+
+def split_fingerprint(held_out: np.ndarray) -> str:
+    """Which sequences a run held out: recorded with the saved SAE, checked by evaluation."""
+    return "document_blocks:" + hashlib.sha256(np.asarray(held_out, np.int64).tobytes()
+                                               ).hexdigest()[:16]
 
 
 def held_out_split(cache: ActivationCache, packed: bool, eval_fraction: float

@@ -123,7 +123,7 @@ class Trainer:
         self.dead.load_state_dict(state["dead"])
         if self.activity:
             self.activity.load_state_dict(state["activity"])
-        self.resampled = dict(state["resampled"])
+        self.resampled = dict(state.get("resampled", {"resample/rounds": 0.0}))
         for name, term in self.terms.items():
             term.coefficient.load_state_dict(state["coefficients"][name])
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -280,6 +280,7 @@ class Trainer:
                     raise TrainingInterrupted(self.stop_signal or signal.SIGTERM)
             self.sae.before_step(self.step)  # apply pending state before the SAE is saved
             self.last_stats.update(self.mechanism_stats())
+            self.last_stats.setdefault("dead_fraction", self.dead.dead.float().mean().item())
         finally:
             bar.close()
             for sig, handler in previous.items():
