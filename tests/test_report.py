@@ -15,7 +15,8 @@ from posae.report import metric
 TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
         "trainer.batch_tokens=512", "trainer.n_tokens=5120", "trainer.cpu=true",
         "variant.expansion_factor=2", "layer=2", "eval.families=[]", "eval.plots=false"]
-MATCHED = {"pa_sae_matched": ("000_pa_sae", "pa_sae_run")}  # the matched-sparsity sweeps
+MATCHED = {"pa_sae_matched": ("000_pa_sae", "pa_sae_run"),  # the matched-sparsity sweeps
+           "tc_sae_matched": ("003_tc_sae", "tc_sae_run")}
 EXPERIMENTS = {  # experiment -> its paper folder and run group
     "pa_sae_runs": ("000_pa_sae", "pa_sae_run"), "atr_runs": ("001_atr", "atr_run"),
     "hierarchical_runs": ("002_hierarchical", "hierarchical_run"),
