@@ -211,5 +211,10 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
     axes = np.atleast_1d(axes)
     axes[0].set_title(title, fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
+    ticks = [2 ** i for i in range(0, 13)]  # powers of two, plain numbers, no minor labels
+    axes[-1].set_xticks(ticks, [str(t) for t in ticks])
+    axes[-1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[-1].set_xlim(min(l0 for g in groups.values() for l0 in g["L0"]) / 1.3,
+                      max(l0 for g in groups.values() for l0 in g["L0"]) * 1.3)
     axes[-1].set_xlabel("held-out L0 (log scale)")
     return _save(fig, path)
