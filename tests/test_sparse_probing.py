@@ -213,10 +213,14 @@ def test_bootstrap_interval_brackets_the_accuracy_and_shrinks_with_more_texts():
 
     rng = np.random.default_rng(0)
     small, large = rng.random(100) < 0.8, rng.random(10000) < 0.8
-    lo, hi = bootstrap_ci([small], 1000, 0)
+    lo, hi = bootstrap_ci([small], [np.arange(100)], 1000, 0)
     assert lo < small.mean() < hi and 0.1 < hi - lo < 0.2  # ≈ ±1.96 √(0.16/100)
-    lo2, hi2 = bootstrap_ci([large], 1000, 0)
+    lo2, hi2 = bootstrap_ci([large], [np.arange(10000)], 1000, 0)
     assert hi2 - lo2 < (hi - lo) / 5
+    # two classes judged on the same texts, right and wrong together: their mean is no
+    # surer than one of them (independent resampling would narrow it by about √2)
+    joint = bootstrap_ci([small, small], [np.arange(100), np.arange(100)], 1000, 0)
+    assert joint[1] - joint[0] == pytest.approx(hi - lo, rel=0.15)
 
 
 def test_top_k_is_chosen_on_the_training_split_only():

@@ -21,7 +21,8 @@ How well do a few SAE latents linearly encode a known property of a text?
      the raw dimensions.
    Results are per class and averaged over classes (`mean`), each accuracy with a 95 %
    bootstrap interval over the test texts (`per_class.<c>.ci95`, `mean_ci95`; `bootstrap`
-   resamples; the mean's interval resamples every class's test texts at once).
+   resamples; the mean's interval resamples the union of the classes' test texts once per
+   resample, since classes share texts).
 
 Differences from SAEBench, all deliberate: every probe is the sklearn one (SAEBench trains
 the full-width probes with a torch loop); the train/test texts come from one split of the
@@ -559,13 +560,20 @@ def probe_family(prefix: str, train_x, train_y, test_x, test_y, ks: list[int], C
     return result, ranked, not_converged
 
 
-def bootstrap_ci(correct: list[np.ndarray], resamples: int, seed: int) -> list[float]:
-    """95 % percentile interval of the mean over classes of the accuracy, resampling each
-    class's test examples (`correct`: one boolean array per class)."""
+def bootstrap_ci(correct: list[np.ndarray], texts: list[np.ndarray], resamples: int,
+                 seed: int) -> list[float]:
+    """95 % percentile interval of the mean over classes of the accuracy. Classes share test
+    texts (one class's positives are others' negatives), so each resample draws the texts
+    of the union once, with replacement, and every class reweights its own test examples
+    by how often their texts were drawn (`correct`, `texts`: one array per class, aligned)."""
     rng = np.random.default_rng(seed)
-    means = np.mean([c[rng.integers(len(c), size=(resamples, len(c)))].mean(1)
-                     for c in correct], 0)
-    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
+    pool = np.unique(np.concatenate(texts))
+    counts = rng.multinomial(len(pool), np.full(len(pool), 1 / len(pool)), size=resamples)
+    means = []
+    for right, ids in zip(correct, texts):
+        weight = counts[:, np.searchsorted(pool, ids)]                # [resamples, n]
+        means.append((weight * right).sum(1) / np.maximum(weight.sum(1), 1))
+    return [float(v) for v in np.percentile(np.mean(means, 0), [2.5, 97.5])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -605,7 +613,7 @@ def sparse_probing(sae, lm: LanguageModel, special: SpecialTokens, layer: int,
     row_of[used] = np.arange(len(used))
     raw, codes = raw.numpy(), codes.numpy()  # float32; probes take float64 copies of splits
 
-    per_class, correct = {}, {}
+    per_class, correct, texts = {}, {}, {}
     not_converged = 0
     for c in task.classes:
         split = binary_split(pools, c, n_train, n_test, cfg.seed)
@@ -624,16 +632,17 @@ def sparse_probing(sae, lm: LanguageModel, special: SpecialTokens, layer: int,
         sae_res, ranked, bad_sae = probe_family("sae", codes[tr], split.train_y, codes[te],
                                                 split.test_y, *settings)
         not_converged += bad_llm + bad_sae
-        correct[c] = {**llm, **sae_res}
+        correct[c], texts[c] = {**llm, **sae_res}, split.test
         entry.update({key: float(right.mean()) for key, right in correct[c].items()})
-        entry["ci95"] = {key: bootstrap_ci([right], cfg.bootstrap, cfg.seed)
+        entry["ci95"] = {key: bootstrap_ci([right], [split.test], cfg.bootstrap, cfg.seed)
                          for key, right in correct[c].items()}
         entry["sae_top_latents"] = [int(i) for i in ranked]
         per_class[c] = entry
     metric_keys = list(correct[task.classes[0]])
     mean = {k: float(np.mean([per_class[c][k] for c in task.classes])) for k in metric_keys}
-    mean_ci95 = {k: bootstrap_ci([correct[c][k] for c in task.classes], cfg.bootstrap,
-                                 cfg.seed) for k in metric_keys}
+    mean_ci95 = {k: bootstrap_ci([correct[c][k] for c in task.classes],
+                                 [texts[c] for c in task.classes], cfg.bootstrap, cfg.seed)
+                 for k in metric_keys}
     if not_converged:
         notes.append(f"{not_converged} probes stopped at max_iter={cfg.max_iter} before "
                      "lbfgs converged")
