@@ -4,8 +4,8 @@ A matched sweep runs every method at target L0s (`scale.target_l0`, with `match_
 and seeds (`+matched_point=l0_<L0>_seed<s>`). Here runs are grouped by (method, target L0):
 each metric's mean, standard deviation and count over seeds; each method against the
 sweep's first method (the baseline) at the common L0 by Welch's t-test, written "higher",
-"lower" or "no difference" (p ≥ 0.05, or fewer than two seeds a side); and a run whose L0
-misses its target by more than `L0_TOLERANCE` is flagged.
+"lower" or "no difference" (p ≥ 0.05; no verdict with fewer than two seeds a side); and a
+run whose L0 misses its target by more than `L0_TOLERANCE` is flagged.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def summary(values: list[float]) -> tuple[float, float, int]:
         len(values)
 
 
-def verdict(values: list[float], baseline: list[float]) -> str:
-    """Welch's t-test at 5 %: "higher", "lower", or "no difference" (also with < 2 values)."""
+def verdict(values: list[float], baseline: list[float]) -> str | None:
+    """Welch's t-test at 5 %: "higher", "lower" or "no difference"; None (no test) with fewer
+    than two values a side."""
     if len(values) < 2 or len(baseline) < 2:
-        return "no difference (n < 2)"
+        return None
     if np.std(values) == 0 and np.std(baseline) == 0:
         return "no difference" if values[0] == baseline[0] else (
             "higher" if values[0] > baseline[0] else "lower")
@@ -112,7 +113,8 @@ def markdown(rows: list[dict], groups: dict, methods: list[str]) -> list[str]:
         for label in labels:
             text = cell(*summary(values.get(label, [])))
             if method != baseline and label != "L0" and values.get(label):
-                text += f" ({verdict(values[label], groups[(baseline, COMMON_L0)].get(label, []))})"
+                found = verdict(values[label], groups[(baseline, COMMON_L0)].get(label, []))
+                text += f" ({found})" if found else ""
             cells.append(text)
         lines.append("| " + " | ".join([method, str(n), *cells]) + " |")
     targets = sorted({target for _, target in groups})
