@@ -5,11 +5,13 @@ and seeds (`+matched_point=l0_<L0>_seed<s>`). Here runs are grouped by (method, 
 each metric's mean, standard deviation and count over seeds; each method against the
 sweep's first method (the baseline) at the common L0 by Welch's t-test, written "higher",
 "lower" or "no difference" (p ≥ 0.05; no verdict with fewer than two seeds a side); and a
-run whose L0 misses its target by more than `L0_TOLERANCE` is flagged.
+run whose L0 misses its target by more than `L0_TOLERANCE`, or whose training L0 had not
+settled, is flagged.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +22,7 @@ from scipy.stats import ttest_ind
 
 COMMON_L0 = 32
 L0_TOLERANCE = 0.1
+SETTLED = 0.5
 # (label, metrics.json paths: the first the run has)
 METRICS = [
     ("L0", ["core.l0"]),
@@ -86,14 +89,24 @@ def cell(mean: float, sd: float, n: int) -> str:
 
 
 def l0_misses(rows: list[dict]) -> list[str]:
-    """Runs whose held-out L0 is more than L0_TOLERANCE away from their target."""
+    """Runs whose held-out L0 is more than L0_TOLERANCE away from their target, or whose
+    training L0 had not settled: over the last quarter of the logged steps it left
+    ±`SETTLED` of the target (a controller that oscillates can end near the target)."""
     missed = []
     for row in rows:
         if row.get("point") is None:
             continue
         target, l0 = row["point"][0], row["metrics"]["core"]["l0"]
+        name = f"{row['run']} (target {target}, seed {row['point'][1]})"
         if abs(l0 - target) > L0_TOLERANCE * target:
-            missed.append(f"{row['run']} (target {target}, seed {row['point'][1]}): L0 {l0:.1f}")
+            missed.append(f"{name}: held-out L0 {l0:.1f}")
+        path = row["job"] / "train_log.jsonl"
+        if path.exists():
+            trace = [json.loads(line)["l0"] for line in path.read_text().splitlines()]
+            late = trace[len(trace) * 3 // 4:]
+            if late and (min(late) < (1 - SETTLED) * target or max(late) > (1 + SETTLED) * target):
+                missed.append(f"{name}: training L0 not settled, {min(late):.1f}–{max(late):.1f}"
+                              f" over the last quarter")
     return missed
 
 
@@ -128,6 +141,7 @@ def markdown(rows: list[dict], groups: dict, methods: list[str]) -> list[str]:
                 lines.append("| " + " | ".join([method, str(target), *(
                     cell(*summary(values.get(label, []))) for label in labels)]) + " |")
     missed = l0_misses(rows)
-    lines += ["", f"Runs more than {L0_TOLERANCE:.0%} from their target L0: "
+    lines += ["", f"Runs not matched (held-out L0 more than {L0_TOLERANCE:.0%} from the target, "
+              f"or training L0 outside ±{SETTLED:.0%} of it in the last quarter): "
               f"{'; '.join(missed) or 'none'}.", ""]
     return lines
