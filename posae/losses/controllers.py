@@ -62,7 +62,7 @@ class IntegralL1(Coefficient):
     at s_t = s*. The error is the log-ratio, so κ means the same at every width and target;
     log(λ/λ0) is kept within ±`max_exponent`."""
 
-    def __init__(self, value: float = 0.04, gain: float = 0.02, target_l0: float = 32.0,
+    def __init__(self, value: float = 0.04, gain: float = 0.008, target_l0: float = 32.0,
                  max_exponent: float = 20.0):
         if target_l0 <= 0 or gain <= 0 or value <= 0:
             raise ValueError("loss.l1.coef: value, gain and target_l0 must be positive")
