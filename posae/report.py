@@ -62,9 +62,13 @@ def first_metric(metrics: dict, paths: list[str]):
     return None
 
 
+def job_overrides(job: Path) -> list[str]:
+    return yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+
+
 def run_label(job: Path) -> str:
     """The job's sweep overrides, e.g. `+tc_sae_run=window_3` → `window_3`."""
-    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    overrides = job_overrides(job)
     swept = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=")[0].endswith("_run")]
     points = [o for o in overrides if o.lstrip("+").startswith("matched_point=")]
     return ",".join(swept) or ",".join(o for o in overrides if o not in points) or job.name
@@ -72,7 +76,7 @@ def run_label(job: Path) -> str:
 
 def point_name(job: Path) -> str | None:
     """The job's `+matched_point=<name>` (matched-sparsity sweeps), or None."""
-    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    overrides = job_overrides(job)
     names = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("matched_point=")]
     return names[0] if names else None
 
@@ -116,8 +120,9 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: int(p.name) if p.name.isdigit() else p.name)
     rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job),
-             "key": job_key(run_label(job), point_name(job)), "point": matched_point(job)}
-            for job in jobs if (job / "metrics.json").exists()]
+             "point": matched_point(job)} for job in jobs if (job / "metrics.json").exists()]
+    for row in rows:
+        row["key"] = job_key(row["run"], point_name(row["job"]))
     versions: dict[int, list[str]] = {}
     for row in rows:  # metrics.json before metric_version existed: version 1
         versions.setdefault(row["metrics"].get("metric_version", 1), []).append(row["job"].name)

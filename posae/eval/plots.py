@@ -194,6 +194,7 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
                      title: str) -> Path:
     """One panel per metric: its mean over seeds against the achieved L0 (log axis), one
     line per method, error bars of one standard deviation where there are several seeds."""
+    from posae.matched import summary  # posae.matched is the report's, not the evaluation's
     shown = [label for label in labels if any(g.get(label) for g in groups.values())]
     fig, axes = plt.subplots(len(shown), 1, figsize=(7, 2.4 * len(shown)), sharex=True)
     for ax, label in zip(np.atleast_1d(axes), shown):
@@ -201,9 +202,8 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
             points = sorted((t, g) for (m, t), g in groups.items() if m == method and g.get(label))
             if not points:
                 continue
-            l0 = [np.mean(g["L0"]) for _, g in points]
-            mean = [np.mean(g[label]) for _, g in points]
-            sd = [np.std(g[label], ddof=1) if len(g[label]) > 1 else 0.0 for _, g in points]
+            l0 = [summary(g["L0"])[0] for _, g in points]
+            mean, sd, _ = zip(*(summary(g[label]) for _, g in points))
             ax.errorbar(l0, mean, yerr=sd, marker="o", ms=3, capsize=3, label=method)
         ax.set_ylabel(label, fontsize=8)
         ax.set_xscale("log")
