@@ -48,7 +48,7 @@ def check_contracts(terms: dict[str, LossTerm], variant: str, architecture: type
                 f"drop {name} from loss=[...]")
 
 
-def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int) -> str:
+def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int, ramp_steps: int) -> str:
     """Set the SAE's sparsity to `target` active latents (`match_l0=true`, the
     matched-sparsity protocol, docs/protocol.md) and say how: TopK-family architectures
     take k = target; otherwise the coefficient of the one sparsity penalty becomes
@@ -66,7 +66,8 @@ def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int) -> str:
             f"(l1, importance_l1, l0) in loss=[...] to set its L0, found "
             f"{penalties or 'none'} among {list(terms)}")
     term = terms[penalties[0]]
-    term.coefficient = IntegralL1(value=term.coefficient.value, target_l0=target)
+    term.coefficient = IntegralL1(value=term.coefficient.value, target_l0=target,
+                                  ramp_steps=ramp_steps)
     return f"loss.{penalties[0]}.coef under integral control toward L0 = {target}"
 
 

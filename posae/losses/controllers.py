@@ -54,35 +54,60 @@ class AdaptiveL1(Coefficient):
 
 
 class IntegralL1(Coefficient):
-    """Ours, not 001's: integral control of λ toward a target L0,
+    """Ours, not 001's: proportional-integral control of λ toward a target L0 in log space,
 
-        log λ_{t+1} = log λ_t + κ log(s_t / s*),
+        e_t = log(s_t / s*_t),   I_{t+1} = I_t + κ_I e_t,   log λ_t = log λ0 + I_t + κ_P e_t,
 
     so λ keeps rising while L0 is above target and falling while below, and can settle only
-    at s_t = s*. The error is the log-ratio, so κ means the same at every width and target;
-    log(λ/λ0) is kept within ±`max_exponent`."""
+    at s_t = s* (the integral removes 001 eq. 4's standing error). L0 answers λ tens of
+    steps late and recovers slowly from an undershoot (latents silenced by a λ peak come
+    back slowly), so a step from the initial L0 (≈ 1500 on MiniLM) to s* makes the
+    integral overshoot. The setpoint therefore glides log-linearly from the first step's L0
+    to s* over `ramp_steps`, s*_t = s* (s_0 / s*)^{1 - t / ramp}, and the proportional term
+    answers the current error at once (measured on MiniLM, docs/protocol.md). The error is
+    a log-ratio, so the gains mean the same at every width and target; I is kept within
+    ±`max_exponent`."""
 
-    def __init__(self, value: float = 0.04, gain: float = 0.008, target_l0: float = 32.0,
-                 max_exponent: float = 20.0):
-        if target_l0 <= 0 or gain <= 0 or value <= 0:
-            raise ValueError("loss.l1.coef: value, gain and target_l0 must be positive")
+    def __init__(self, value: float = 0.04, gain: float = 0.02, proportional: float = 1.0,
+                 target_l0: float = 32.0, ramp_steps: int = 0, max_exponent: float = 20.0):
+        if target_l0 <= 0 or gain <= 0 or value <= 0 or proportional < 0 or ramp_steps < 0:
+            raise ValueError("loss.l1.coef: value, gain and target_l0 must be positive, "
+                             "proportional and ramp_steps non-negative")
         self.value, self.gain, self.target = float(value), float(gain), float(target_l0)
+        self.proportional, self.ramp_steps = float(proportional), int(ramp_steps)
         self.max_exponent = max_exponent
         self.log_ratio = 0.0
+        self.error = 0.0
+        self.steps = 0
+        self.initial_l0 = None
 
     def __call__(self, step: int) -> float:
-        return self.value * math.exp(self.log_ratio)
+        return self.value * math.exp(self.log_ratio + self.proportional * self.error)
+
+    def setpoint(self) -> float:
+        """s*_t: the target of the current step, on its glide from the first L0."""
+        if self.initial_l0 is None or self.steps >= self.ramp_steps:
+            return self.target
+        remaining = 1.0 - self.steps / self.ramp_steps
+        return self.target * max(1.0, self.initial_l0 / self.target) ** remaining
 
     def update(self, stats: dict[str, float]) -> None:
-        error = math.log(max(stats["l0"], 1e-3) / self.target)
+        l0 = max(stats["l0"], 1e-3)
+        if self.initial_l0 is None:
+            self.initial_l0 = l0
+        self.error = max(-self.max_exponent,
+                         min(self.max_exponent, math.log(l0 / self.setpoint())))
         self.log_ratio = max(-self.max_exponent,
-                             min(self.max_exponent, self.log_ratio + self.gain * error))
+                             min(self.max_exponent, self.log_ratio + self.gain * self.error))
+        self.steps += 1
 
     def state_dict(self) -> dict:
-        return {"log_ratio": self.log_ratio}
+        return {"log_ratio": self.log_ratio, "error": self.error, "steps": self.steps,
+                "initial_l0": self.initial_l0}
 
     def load_state_dict(self, state: dict) -> None:
-        self.log_ratio = state["log_ratio"]
+        self.log_ratio, self.error = state["log_ratio"], state["error"]
+        self.steps, self.initial_l0 = state["steps"], state["initial_l0"]
 
 
 class MomentumFromReconstruction(Coefficient):
