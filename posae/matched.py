@@ -2,11 +2,12 @@
 
 A matched sweep runs every method at target L0s (`scale.target_l0`, with `match_l0=true`)
 and seeds (`+matched_point=l0_<L0>_seed<s>`). Here runs are grouped by (method, target L0):
-each metric's mean, standard deviation and count over seeds; each method against the
-sweep's first method (the baseline) at the common L0 by Welch's t-test, written "higher",
-"lower" or "no difference" (p ≥ 0.05; no verdict with fewer than two seeds a side); and a
-run whose L0 misses its target by more than `L0_TOLERANCE`, or whose training L0 had not
-settled, is flagged.
+each metric's mean, standard deviation and count over seeds; each method's effect at the
+common L0 against its comparator (the sweep's first method, or the one the experiment's
+`paper.compare` names: TopK for a mechanism on TopK): the difference of means with its
+Welch 95 % interval, written "higher", "lower" or "no difference" (the interval holds 0; no
+verdict with fewer than two seeds a side); and a run whose L0 misses its target by more
+than `L0_TOLERANCE`, or whose training L0 had not settled, is flagged.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import numpy as np
 import yaml
 from scipy.stats import ttest_ind
 
+# the L0 of the matched table; an experiment may name another (`paper.common_l0`)
 COMMON_L0 = 32
 L0_TOLERANCE = 0.1
 SETTLED = 0.5
-# (label, metrics.json paths: the first the run has)
+# (label, metrics.json paths: the first the run has); the preservation score is the KL
+# score on causal LMs and the embedding score, its proxy, on MiniLM (docs/metrics.md)
 METRICS = [
     ("L0", ["core.l0"]),
     ("EV", ["core.explained_variance"]),
-    ("preservation", ["preservation.kl_score", "preservation.embedding_score"]),
+    ("KL score", ["preservation.kl_score"]),
+    ("embedding score (KL proxy)", ["preservation.embedding_score"]),
     ("adjacent Jaccard, corrected", ["temporal.adjacent_jaccard_corrected"]),
     ("adjacent code cosine, corrected", ["temporal.adjacent_code_cosine_corrected"]),
     ("specificity, corrected", ["structure.mean_corrected_specificity"]),
@@ -36,6 +40,19 @@ METRICS = [
     ("probing, all latents", ["sparse_probing.*.mean.sae_test_accuracy"]),
     ("planted features recovered", ["recovery.all.recovered_fraction"]),
 ]
+# the frontier plot's y-axis labels: what each number is
+AXIS_LABELS = {
+    "EV": "explained variance\n(held-out)",
+    "KL score": "KL score",
+    "embedding score (KL proxy)": "embedding score\n(KL proxy)",
+    "adjacent Jaccard, corrected": "adjacent Jaccard\n(0 = chance, 1 = equal)",
+    "adjacent code cosine, corrected": "adjacent cosine\n(0 = chance, 1 = equal)",
+    "specificity, corrected": "position specificity\n(0 = null)",
+    "position-specialised": "position-specialised\nlatents (fraction)",
+    "probing top-1": "sparse probing\ntop-1 accuracy",
+    "probing, all latents": "probing accuracy\n(all latents)",
+    "planted features recovered": "planted features\nrecovered (fraction)",
+}
 
 
 def matched_point(job: Path) -> tuple[int, int] | None:
@@ -68,18 +85,42 @@ def summary(values: list[float]) -> tuple[float, float, int]:
         len(values)
 
 
-def verdict(values: list[float], baseline: list[float]) -> str | None:
-    """Welch's t-test at 5 %: "higher", "lower" or "no difference"; None (no test) with fewer
-    than two values a side."""
+def effect(values: list[float], baseline: list[float]) -> dict | None:
+    """Difference of means (values - baseline) with its Welch 95 % interval and the verdict
+    "higher", "lower" or "no difference" (the interval holds 0); None with fewer than two
+    values a side."""
     if len(values) < 2 or len(baseline) < 2:
         return None
+    difference = float(np.mean(values) - np.mean(baseline))
     if np.std(values) == 0 and np.std(baseline) == 0:
-        return "no difference" if values[0] == baseline[0] else (
-            "higher" if values[0] > baseline[0] else "lower")
-    p = ttest_ind(values, baseline, equal_var=False).pvalue
-    if not p < 0.05:
-        return "no difference"
-    return "higher" if np.mean(values) > np.mean(baseline) else "lower"
+        low = high = difference
+    else:
+        interval = ttest_ind(values, baseline, equal_var=False).confidence_interval(0.95)
+        low, high = float(interval.low), float(interval.high)
+    found = "higher" if low > 0 else "lower" if high < 0 else "no difference"
+    return {"difference": difference, "ci95": [low, high], "verdict": found}
+
+
+def comparators(methods: list[str], compare: dict | None) -> dict[str, str]:
+    """{method: the method it is compared with}: the sweep's first method unless the
+    experiment's `paper.compare` names another (which must be in the sweep)."""
+    compare = dict(compare or {})
+    for method, other in compare.items():
+        if other not in methods:
+            raise ValueError(f"paper.compare: {method} is compared with {other}, which is not "
+                             f"among the sweep's methods {methods}")
+    return {method: compare.get(method, methods[0]) for method in methods[1:]}
+
+
+def effects(groups: dict, methods: list[str], compare: dict | None, common: int) -> dict:
+    """{method: {"against": comparator, metric label: effect or None}} at the common L0."""
+    found = {}
+    for method, other in comparators(methods, compare).items():
+        values, base = groups.get((method, common), {}), groups.get((other, common), {})
+        found[method] = {"against": other, **{
+            label: effect(values.get(label, []), base.get(label, []))
+            for label, _ in METRICS if label != "L0" and values.get(label)}}
+    return found
 
 
 def cell(mean: float, sd: float, n: int) -> str:
@@ -110,26 +151,33 @@ def l0_misses(rows: list[dict]) -> list[str]:
     return missed
 
 
-def markdown(rows: list[dict], groups: dict, methods: list[str]) -> list[str]:
-    """The matched table at the common L0 (mean ± sd over seeds, each metric beside the
-    verdict against the first method) and the frontier table (every target L0)."""
-    baseline = methods[0]
+def markdown(rows: list[dict], groups: dict, methods: list[str], found: dict, common: int
+             ) -> list[str]:
+    """The matched table at the common L0 (mean ± sd over seeds), the effects table (each
+    method against its comparator: difference, Welch 95 % interval, verdict) and the
+    frontier table (every target L0)."""
     labels = [label for label, _ in METRICS
               if any(groups[key].get(label) for key in groups)]
-    header = ["method", "seeds"] + [f"{label}" for label in labels]
-    lines = [f"## At matched L0 = {COMMON_L0} (mean ± sd over seeds; against {baseline})", "",
+    header = ["method", "seeds"] + labels
+    lines = [f"## At matched L0 = {common} (mean ± sd over seeds)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
-        values = groups.get((method, COMMON_L0), {})
+        values = groups.get((method, common), {})
         n = max((len(v) for v in values.values()), default=0)
+        lines.append("| " + " | ".join([method, str(n), *(
+            cell(*summary(values.get(label, []))) for label in labels)]) + " |")
+    compared = [label for label in labels if label != "L0"]
+    lines += ["", f"## Effects at L0 = {common}: difference from the comparator, Welch 95 % "
+              "interval; \"no difference\" where the interval holds 0", "",
+              "| method | against | " + " | ".join(compared) + " |",
+              "|" + "---|" * (len(compared) + 2)]
+    for method, result in found.items():
         cells = []
-        for label in labels:
-            text = cell(*summary(values.get(label, [])))
-            if method != baseline and label != "L0" and values.get(label):
-                found = verdict(values[label], groups[(baseline, COMMON_L0)].get(label, []))
-                text += f" ({found})" if found else ""
-            cells.append(text)
-        lines.append("| " + " | ".join([method, str(n), *cells]) + " |")
+        for label in compared:
+            e = result.get(label)
+            cells.append("—" if e is None else f"{e['difference']:+.3g} [{e['ci95'][0]:+.3g}, "
+                         f"{e['ci95'][1]:+.3g}] {e['verdict']}")
+        lines.append("| " + " | ".join([method, result["against"], *cells]) + " |")
     targets = sorted({target for _, target in groups})
     lines += ["", "## Frontier: every target L0 (mean over seeds where there are several)", "",
               "| method | target L0 | " + " | ".join(labels) + " |",
@@ -145,3 +193,31 @@ def markdown(rows: list[dict], groups: dict, methods: list[str]) -> list[str]:
               f"or training L0 outside ±{SETTLED:.0%} of it in the last quarter): "
               f"{'; '.join(missed) or 'none'}.", ""]
     return lines
+
+
+def claimed_levels(paper: dict) -> dict[str, list[tuple[str, float]]]:
+    """{frontier metric label: [(method, the paper's number)]}: the experiment's numeric
+    claims on a metric the frontier shows (their `paper.metrics` paths overlap). Drawn as
+    reference levels, not points: the papers' numbers are Gemma-2-2b's at their own L0."""
+    paths = paper.get("metrics", {})
+    levels = defaultdict(list)
+    for method, claims in (paper.get("claims") or {}).items():
+        for name, value in claims.items():
+            label = next((label for label, ours in METRICS
+                          if set(ours) & set(paths.get(name, []))), None)
+            if label and label != "L0" and isinstance(value, (int, float)):
+                levels[label].append((method, float(value)))
+    return dict(levels)
+
+
+def summary_json(groups: dict, found: dict, rows: list[dict], common: int) -> dict:
+    """`matched.json`: per (method, target L0) each metric's mean, sd and seeds, the effects
+    at the common L0, and the runs not matched; what experiments/SUMMARY.md is read from."""
+    return {
+        "common_l0": common,
+        "points": [{"method": method, "target_l0": target, **{
+            label: dict(zip(("mean", "sd", "n"), summary(values))) for label, values
+            in metrics.items()}} for (method, target), metrics in sorted(groups.items())],
+        "effects": found,
+        "not_matched": l0_misses(rows),
+    }

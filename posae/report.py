@@ -230,7 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     groups = matched.aggregate(rows, first_metric)
     methods = list(dict.fromkeys(r["run"] for r in rows if r["point"] is not None))
     if groups:
-        text += "\n" + "\n".join(matched.markdown(rows, groups, methods))
+        common = int(paper.get("common_l0", matched.COMMON_L0))
+        try:
+            found = matched.effects(groups, methods, paper.get("compare"), common)
+        except ValueError as err:
+            sys.exit(f"posae.report: {err}")
+        text += "\n" + "\n".join(matched.markdown(rows, groups, methods, found, common))
+        (sweep / "matched.json").write_text(json.dumps(
+            matched.summary_json(groups, found, rows, common), indent=1))
     (sweep / "report.md").write_text(text)
     csv_header = paper_header + paths[2:]
     csv_body = [p + s[2:] for p, s in zip(paper_body, standard_body)]
@@ -248,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     if groups:
         images["frontier"] = plots.matched_frontier(
             groups, methods, [label for label, _ in matched.METRICS[1:]],
-            sweep / "plots" / "frontier.png", paper.get("title", "matched sparsity"))
+            sweep / "plots" / "frontier.png", paper.get("title", "matched sparsity"),
+            matched.claimed_levels(paper))
     if (config.get("logger") or {}).get("name") == "wandb":
         log_to_wandb(config, sweep, csv_header, csv_body, images)
     print(f"{len(rows)} runs reported, {len(missing)} missing"

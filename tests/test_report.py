@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -16,13 +17,18 @@ TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.d
         "trainer.batch_tokens=512", "trainer.n_tokens=5120", "trainer.cpu=true",
         "variant.expansion_factor=2", "layer=2", "eval.families=[]", "eval.plots=false"]
 MATCHED = {"pa_sae_matched": ("000_pa_sae", "pa_sae_run"),  # the matched-sparsity sweeps
-           "tc_sae_matched": ("003_tc_sae", "tc_sae_run")}
+           "atr_matched": ("001_atr", "atr_run"),
+           "hierarchical_matched": ("002_hierarchical", "hierarchical_run"),
+           "tc_sae_matched": ("003_tc_sae", "tc_sae_run"),
+           "curriculum_matched": ("004_curriculum", "curriculum_run")}
 EXPERIMENTS = {  # experiment -> its paper folder and run group
     "pa_sae_runs": ("000_pa_sae", "pa_sae_run"), "atr_runs": ("001_atr", "atr_run"),
     "hierarchical_runs": ("002_hierarchical", "hierarchical_run"),
     "tc_sae_runs": ("003_tc_sae", "tc_sae_run"),
     "curriculum_runs": ("004_curriculum", "curriculum_run"),
 }
+SYNTHETIC = {"synthetic_runs": ("synthetic", "synthetic_run"),
+             "synthetic_matched": ("synthetic", "synthetic_run")}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +37,15 @@ def cache_root(tmp_path_factory):
 
 
 def declared_runs(experiment: str) -> list[str]:
-    folder, group = {**EXPERIMENTS, **MATCHED,
-                     "synthetic_runs": ("synthetic", "synthetic_run")}[experiment]
+    folder, group = {**EXPERIMENTS, **MATCHED, **SYNTHETIC}[experiment]
+    return sweep_params(experiment)[f"+{group}"].split(",")
+
+
+def sweep_params(experiment: str) -> dict[str, str]:
+    folder, _ = {**EXPERIMENTS, **MATCHED, **SYNTHETIC}[experiment]
     config = yaml.safe_load((REPO / "experiments" / folder / "experiment" / f"{experiment}.yaml")
                             .read_text())
-    return config["hydra"]["sweeper"]["params"][f"+{group}"].split(",")
+    return config["hydra"]["sweeper"]["params"]
 
 
 def test_every_declared_run_has_a_file_and_at_most_ten_runs():
@@ -52,12 +62,34 @@ def test_every_declared_run_has_a_file_and_at_most_ten_runs():
         assert used[group] == used[group + "_files"], group  # no file that no sweep runs
 
 
+@pytest.mark.parametrize("experiment", [*MATCHED, "synthetic_matched"])
+def test_every_matched_run_is_planned_at_every_point_with_the_same_optimiser(experiment):
+    """Each method at the first point, and the first method at every point, composes as
+    the sweep composes it and passes `plan_training` (match_l0 included) without compute;
+    every one trains with the protocol's optimiser and schedule."""
+    from conftest import compose_config
+
+    from posae.train import plan_training
+
+    _, group = {**MATCHED, **SYNTHETIC}[experiment]
+    points = sweep_params(experiment)["+matched_point"].split(",")
+    runs = declared_runs(experiment)
+    for point, run in {(points[0], run) for run in runs} | {(p, runs[0]) for p in points}:
+        cfg = compose_config(overrides=[f"+matched_point={point}", f"+{group}={run}",
+                                        f"+experiment={experiment}"])
+        plan = plan_training(cfg)
+        assert (plan.optim.name, plan.optim.lr, plan.optim.schedule, plan.trainer.grad_clip) == (
+            "adam", 2e-3, "warmup", None), (point, run)
+
+
 def test_the_synthetic_sweep_runs_every_variant_once():
+    """synthetic_runs runs every variant; the matched sweep adds the mechanisms on TopK,
+    and no run file is left that neither runs."""
     runs = declared_runs("synthetic_runs")
     variants = {p.stem for p in (REPO / "conf" / "variant").glob("*.yaml")}
     assert sorted(runs) == sorted(variants)
     files = {p.stem for p in (REPO / "experiments" / "synthetic" / "synthetic_run").glob("*.yaml")}
-    assert files == variants
+    assert files == variants | set(declared_runs("synthetic_matched"))
 
 
 @pytest.mark.slow
@@ -118,6 +150,27 @@ def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     assert result.returncode != 0 and "not a Hydra multirun folder" in result.output
 
 
+def test_effects_are_welch_intervals_against_the_named_comparator():
+    from posae import matched
+
+    assert matched.effect([1.0], [2.0, 3.0]) is None  # one seed: no verdict
+    same = matched.effect([1.0, 1.1, 0.9], [1.05, 0.95, 1.0])
+    assert same["verdict"] == "no difference" and same["ci95"][0] < 0 < same["ci95"][1]
+    higher = matched.effect([2.0, 2.1, 1.9], [1.0, 1.1, 0.9])
+    assert higher["verdict"] == "higher" and higher["difference"] == pytest.approx(1.0)
+    assert 0 < higher["ci95"][0] < 1.0 < higher["ci95"][1]
+    assert matched.effect([1.0, 1.0], [2.0, 2.0])["verdict"] == "lower"  # no spread
+    methods = ["relu", "topk", "topk_window", "window"]
+    assert matched.comparators(methods, {"topk_window": "topk"}) == {
+        "topk": "relu", "topk_window": "topk", "window": "relu"}
+    with pytest.raises(ValueError, match="topk_window is compared with gated"):
+        matched.comparators(methods, {"topk_window": "gated"})
+    paper = {"metrics": {"EV": ["core.explained_variance"], "KL": ["preservation.kl_score"],
+                         "L0": ["core.l0"]},
+             "claims": {"topk": {"EV": 0.79, "L0": 320, "KL": "about 0.99"}}}
+    assert matched.claimed_levels(paper) == {"EV": [("topk", 0.79)]}
+
+
 def test_metric_paths_and_the_mean_over_tasks():
     metrics = {"core": {"l0": 3.0},
                "sparse_probing": {"a": {"mean": {"acc": 0.5}}, "b": {"mean": {"acc": 1.0}}}}
@@ -156,12 +209,19 @@ def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, c
     assert report.returncode == 0, report.output
     assert "6 runs reported, 0 missing" in report.output
     text = (sweep / "report.md").read_text()
-    matched = text[text.index("## At matched L0 = 32"):text.index("## Frontier")]
+    matched = text[text.index("## At matched L0 = 32"):text.index("## Effects")]
     baseline = next(line for line in matched.splitlines() if line.startswith("| t1_0_baseline"))
     topk = next(line for line in matched.splitlines() if line.startswith("| topk"))
     assert baseline.split(" | ")[1] == "2" and " ± " in baseline  # two seeds: mean ± sd
     assert "32 ± 0" in topk  # TopK's L0 is its k = the target
-    assert "(higher)" in topk or "(lower)" in topk or "(no difference)" in topk
+    effects = text[text.index("## Effects"):text.index("## Frontier")]
+    topk = next(line for line in effects.splitlines() if line.startswith("| topk"))
+    assert topk.startswith("| topk | t1_0_baseline | ")
+    assert re.search(r"[+-][0-9.e-]+ \[[+-][0-9.e-]+, [+-][0-9.e-]+\] (higher|lower|no difference)",
+                     topk), topk
+    summary = json.loads((sweep / "matched.json").read_text())
+    assert summary["effects"]["topk"]["against"] == "t1_0_baseline"
+    assert {p["target_l0"] for p in summary["points"]} == {16, 32}
     frontier = text[text.index("## Frontier"):]
     assert "| topk | 16 |" in frontier and "| topk | 32 |" in frontier
     assert (sweep / "plots" / "frontier.png").exists()

@@ -191,10 +191,13 @@ def position_curves_of_runs(curves: dict[str, dict], path: Path) -> Path:
 
 
 def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: Path,
-                     title: str) -> Path:
+                     title: str, claims: dict[str, list[tuple[str, float]]] | None = None
+                     ) -> Path:
     """One panel per metric: its mean over seeds against the achieved L0 (log axis), one
-    line per method, error bars of one standard deviation where there are several seeds."""
-    from posae.matched import summary  # posae.matched is the report's, not the evaluation's
+    line per method, error bars of one standard deviation where there are several seeds;
+    a paper's claimed number as a dotted level in its method's colour (`claims`: {label:
+    [(method, value)]}; Gemma-2-2b at the paper's own L0, so a reference, not a point)."""
+    from posae.matched import AXIS_LABELS, summary  # the report's, not the evaluation's
     shown = [label for label in labels if any(g.get(label) for g in groups.values())]
     fig, axes = plt.subplots(len(shown), 1, figsize=(7, 2.4 * len(shown)), sharex=True)
     for ax, label in zip(np.atleast_1d(axes), shown):
@@ -204,12 +207,16 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
                 continue
             l0 = [summary(g["L0"])[0] for _, g in points]
             mean, sd, _ = zip(*(summary(g[label]) for _, g in points))
-            ax.errorbar(l0, mean, yerr=sd, marker="o", ms=3, capsize=3, label=method)
-        ax.set_ylabel(label, fontsize=8)
+            line = ax.errorbar(l0, mean, yerr=sd, marker="o", ms=3, capsize=3, label=method)
+            for claimed, value in (claims or {}).get(label, []):
+                if claimed == method:
+                    ax.axhline(value, ls=":", lw=1, color=line[0].get_color())
+        ax.set_ylabel(AXIS_LABELS.get(label, label), fontsize=8)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes = np.atleast_1d(axes)
-    axes[0].set_title(title, fontsize=9)
+    axes[0].set_title(title + ("\ndotted: the paper's number (Gemma-2-2b, its own L0)"
+                               if claims else ""), fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
     ticks = [2 ** i for i in range(0, 13)]  # powers of two, plain numbers, no minor labels
     axes[-1].set_xticks(ticks, [str(t) for t in ticks])
