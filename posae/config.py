@@ -7,6 +7,7 @@ with a message naming the key instead of deep inside a run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -292,6 +293,11 @@ class TrainerConfig:
     log_every: int = 10
     mixed_precision: str = "auto"
     cpu: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the run: n_tokens in batches of batch_tokens, the last partial."""
+        return math.ceil(self.n_tokens / self.batch_tokens)
 
 
 # Evaluations beyond the held-out pass (core, per-position, temporal), which always runs.

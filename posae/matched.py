@@ -63,17 +63,22 @@ def matched_point(job: Path) -> tuple[int, int] | None:
     return int(config["scale"]["target_l0"]), int(config["seed"])
 
 
-def aggregate(rows: list[dict], first_metric) -> dict[tuple[str, int], dict[str, list[float]]]:
-    """{(method, target L0): {metric label: values over seeds}} for rows with a point."""
-    groups: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def aggregate(rows: list[dict], first_metric) -> dict[tuple[str, int], dict[str, list]]:
+    """{(method, target L0): {metric label: values over seeds}} for rows with a point; a
+    non-finite value is left out and its label listed under "non-finite"."""
+    groups: dict[tuple[str, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row.get("point") is None:
             continue
         values = groups[(row["run"], row["point"][0])]
         for label, paths in METRICS:
             value = first_metric(row["metrics"], paths)
-            if value is not None and math.isfinite(value):
+            if value is None:
+                continue
+            if math.isfinite(value):
                 values[label].append(float(value))
+            else:
+                values["non-finite"].append(label)
     return groups
 
 
@@ -88,35 +93,44 @@ def summary(values: list[float]) -> tuple[float, float, int]:
 def effect(values: list[float], baseline: list[float]) -> dict | None:
     """Difference of means (values - baseline) with its Welch 95 % interval and the verdict
     "higher", "lower" or "no difference" (the interval holds 0); None with fewer than two
-    values a side."""
+    values a side. Where neither side varies (a quantised metric) the interval is the
+    difference itself and `no_spread` says so."""
     if len(values) < 2 or len(baseline) < 2:
         return None
     difference = float(np.mean(values) - np.mean(baseline))
-    if np.std(values) == 0 and np.std(baseline) == 0:
+    no_spread = bool(np.std(values) == 0 and np.std(baseline) == 0)
+    if no_spread:
         low = high = difference
     else:
         interval = ttest_ind(values, baseline, equal_var=False).confidence_interval(0.95)
         low, high = float(interval.low), float(interval.high)
     found = "higher" if low > 0 else "lower" if high < 0 else "no difference"
-    return {"difference": difference, "ci95": [low, high], "verdict": found}
+    return {"difference": difference, "ci95": [low, high], "verdict": found,
+            "no_spread": no_spread}
 
 
 def comparators(methods: list[str], compare: dict | None) -> dict[str, str]:
-    """{method: the method it is compared with}: the sweep's first method unless the
-    experiment's `paper.compare` names another (which must be in the sweep)."""
+    """{method: the method it is compared with}: the sweep's first declared method unless
+    the experiment's `paper.compare` names another; both names must be declared."""
     compare = dict(compare or {})
     for method, other in compare.items():
-        if other not in methods:
-            raise ValueError(f"paper.compare: {method} is compared with {other}, which is not "
-                             f"among the sweep's methods {methods}")
+        for name in (method, other):
+            if name not in methods:
+                raise ValueError(f"paper.compare: {method}: {other} names {name}, which is not "
+                                 f"among the sweep's methods {methods}")
     return {method: compare.get(method, methods[0]) for method in methods[1:]}
 
 
 def effects(groups: dict, methods: list[str], compare: dict | None, common: int) -> dict:
-    """{method: {"against": comparator, metric label: effect or None}} at the common L0."""
+    """{method: {"against": comparator, metric label: effect or None}} at the common L0;
+    "missing" says why there is nothing to compare yet."""
     found = {}
     for method, other in comparators(methods, compare).items():
-        values, base = groups.get((method, common), {}), groups.get((other, common), {})
+        values, base = groups.get((method, common)), groups.get((other, common))
+        if not values or not base:
+            found[method] = {"against": other, "missing": f"no finished run of "
+                             f"{method if not values else other} at L0 {common} yet"}
+            continue
         found[method] = {"against": other, **{
             label: effect(values.get(label, []), base.get(label, []))
             for label, _ in METRICS if label != "L0" and values.get(label)}}
@@ -129,33 +143,44 @@ def cell(mean: float, sd: float, n: int) -> str:
     return f"{mean:.4g}" if n == 1 else f"{mean:.4g} ± {sd:.2g}"
 
 
-def l0_misses(rows: list[dict]) -> list[str]:
-    """Runs whose held-out L0 is more than L0_TOLERANCE away from their target, or whose
-    training L0 had not settled: over the last quarter of the logged steps it left
-    ±`SETTLED` of the target (a controller that oscillates can end near the target)."""
+def effect_cell(e: dict | None) -> str:
+    if e is None:
+        return "—"
+    return (f"{e['difference']:+.3g} [{e['ci95'][0]:+.3g}, {e['ci95'][1]:+.3g}] {e['verdict']}"
+            + (" (no spread)" if e["no_spread"] else ""))
+
+
+def l0_misses(rows: list[dict]) -> list[dict]:
+    """Runs whose held-out L0 is more than L0_TOLERANCE away from their target (or not a
+    number), or whose training L0 had not settled: over the last quarter of the logged
+    steps it left ±`SETTLED` of the target (a controller that oscillates can end near the
+    target). Each: method, target, seed and the reason."""
     missed = []
     for row in rows:
         if row.get("point") is None:
             continue
-        target, l0 = row["point"][0], row["metrics"]["core"]["l0"]
-        name = f"{row['run']} (target {target}, seed {row['point'][1]})"
-        if abs(l0 - target) > L0_TOLERANCE * target:
-            missed.append(f"{name}: held-out L0 {l0:.1f}")
+        (target, seed), l0 = row["point"], row["metrics"]["core"]["l0"]
+        reasons = []
+        if not abs(l0 - target) <= L0_TOLERANCE * target:
+            reasons.append(f"held-out L0 {l0:.1f}")
         path = row["job"] / "train_log.jsonl"
         if path.exists():
             trace = [json.loads(line)["l0"] for line in path.read_text().splitlines()]
             late = trace[len(trace) * 3 // 4:]
             if late and (min(late) < (1 - SETTLED) * target or max(late) > (1 + SETTLED) * target):
-                missed.append(f"{name}: training L0 not settled, {min(late):.1f}–{max(late):.1f}"
-                              f" over the last quarter")
+                reasons.append(f"training L0 not settled, {min(late):.1f}–{max(late):.1f} over "
+                               f"the last quarter")
+        if reasons:
+            missed.append({"method": row["run"], "target_l0": target, "seed": seed,
+                           "reason": "; ".join(reasons)})
     return missed
 
 
-def markdown(rows: list[dict], groups: dict, methods: list[str], found: dict, common: int
+def markdown(groups: dict, methods: list[str], found: dict, common: int, missed: list[dict]
              ) -> list[str]:
     """The matched table at the common L0 (mean ± sd over seeds), the effects table (each
-    method against its comparator: difference, Welch 95 % interval, verdict) and the
-    frontier table (every target L0)."""
+    method against its comparator: difference, Welch 95 % interval, verdict; † where a run
+    behind it is not matched) and the frontier table (every target L0)."""
     labels = [label for label, _ in METRICS
               if any(groups[key].get(label) for key in groups)]
     header = ["method", "seeds"] + labels
@@ -163,21 +188,21 @@ def markdown(rows: list[dict], groups: dict, methods: list[str], found: dict, co
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         values = groups.get((method, common), {})
-        n = max((len(v) for v in values.values()), default=0)
+        n = max((len(values[label]) for label in labels if values.get(label)), default=0)
         lines.append("| " + " | ".join([method, str(n), *(
             cell(*summary(values.get(label, []))) for label in labels)]) + " |")
+    unmatched = {m["method"] for m in missed if m["target_l0"] == common}
     compared = [label for label in labels if label != "L0"]
     lines += ["", f"## Effects at L0 = {common}: difference from the comparator, Welch 95 % "
-              "interval; \"no difference\" where the interval holds 0", "",
+              "interval; \"no difference\" where the interval holds 0; † a run behind it is "
+              "not matched", "",
               "| method | against | " + " | ".join(compared) + " |",
               "|" + "---|" * (len(compared) + 2)]
     for method, result in found.items():
-        cells = []
-        for label in compared:
-            e = result.get(label)
-            cells.append("—" if e is None else f"{e['difference']:+.3g} [{e['ci95'][0]:+.3g}, "
-                         f"{e['ci95'][1]:+.3g}] {e['verdict']}")
-        lines.append("| " + " | ".join([method, result["against"], *cells]) + " |")
+        mark = " †" if {method, result["against"]} & unmatched else ""
+        cells = ([result["missing"]] + [""] * (len(compared) - 1) if "missing" in result
+                 else [effect_cell(result.get(label)) for label in compared])
+        lines.append("| " + " | ".join([method + mark, result["against"], *cells]) + " |")
     targets = sorted({target for _, target in groups})
     lines += ["", "## Frontier: every target L0 (mean over seeds where there are several)", "",
               "| method | target L0 | " + " | ".join(labels) + " |",
@@ -188,10 +213,14 @@ def markdown(rows: list[dict], groups: dict, methods: list[str], found: dict, co
             if values:
                 lines.append("| " + " | ".join([method, str(target), *(
                     cell(*summary(values.get(label, []))) for label in labels)]) + " |")
-    missed = l0_misses(rows)
+    dropped = [f"{method} at {target}: {', '.join(values['non-finite'])}"
+               for (method, target), values in sorted(groups.items()) if values.get("non-finite")]
+    listing = "; ".join(f"{m['method']} (target {m['target_l0']}, seed {m['seed']}): "
+                        f"{m['reason']}" for m in missed)
     lines += ["", f"Runs not matched (held-out L0 more than {L0_TOLERANCE:.0%} from the target, "
               f"or training L0 outside ±{SETTLED:.0%} of it in the last quarter): "
-              f"{'; '.join(missed) or 'none'}.", ""]
+              f"{listing or 'none'}.", "",
+              f"Non-finite values left out: {'; '.join(dropped) or 'none'}.", ""]
     return lines
 
 
@@ -210,14 +239,16 @@ def claimed_levels(paper: dict) -> dict[str, list[tuple[str, float]]]:
     return dict(levels)
 
 
-def summary_json(groups: dict, found: dict, rows: list[dict], common: int) -> dict:
+def summary_json(groups: dict, found: dict, common: int, missed: list[dict]) -> dict:
     """`matched.json`: per (method, target L0) each metric's mean, sd and seeds, the effects
     at the common L0, and the runs not matched; what experiments/SUMMARY.md is read from."""
     return {
         "common_l0": common,
         "points": [{"method": method, "target_l0": target, **{
-            label: dict(zip(("mean", "sd", "n"), summary(values))) for label, values
-            in metrics.items()}} for (method, target), metrics in sorted(groups.items())],
+            label: (values if label == "non-finite" else
+                    dict(zip(("mean", "sd", "n"), summary(values))))
+            for label, values in metrics.items()}}
+            for (method, target), metrics in sorted(groups.items())],
         "effects": found,
-        "not_matched": l0_misses(rows),
+        "not_matched": missed,
     }

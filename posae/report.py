@@ -228,16 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     labels, paths, standard_body = standard_table(rows)
     text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing)
     groups = matched.aggregate(rows, first_metric)
-    methods = list(dict.fromkeys(r["run"] for r in rows if r["point"] is not None))
+    # the declared order (the first is the baseline), whether or not a method has finished
+    methods = list(dict.fromkeys(key.split(" @ ")[0] for key in expected_runs(config)))
     if groups:
         common = int(paper.get("common_l0", matched.COMMON_L0))
         try:
             found = matched.effects(groups, methods, paper.get("compare"), common)
         except ValueError as err:
             sys.exit(f"posae.report: {err}")
-        text += "\n" + "\n".join(matched.markdown(rows, groups, methods, found, common))
+        missed = matched.l0_misses(rows)
+        text += "\n" + "\n".join(matched.markdown(groups, methods, found, common, missed))
         (sweep / "matched.json").write_text(json.dumps(
-            matched.summary_json(groups, found, rows, common), indent=1))
+            matched.summary_json(groups, found, common, missed), indent=1))
     (sweep / "report.md").write_text(text)
     csv_header = paper_header + paths[2:]
     csv_body = [p + s[2:] for p, s in zip(paper_body, standard_body)]

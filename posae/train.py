@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from dataclasses import dataclass
 
@@ -43,10 +42,6 @@ from posae.training.loggers import make_logger
 from posae.training.run import finished, run_config, run_name_and_group, shared_run_dir
 from posae.training.schedule import unfinished_schedules
 from posae.training.trainer import Trainer, TrainingInterrupted
-
-# match_l0 on an L1-family method: the controller's setpoint glides from the first L0 to
-# the target over this fraction of the run, then holds (IntegralL1, docs/protocol.md).
-MATCH_L0_RAMP = 0.4
 
 
 def make_accelerator(trainer_node) -> Accelerator:
@@ -85,11 +80,11 @@ def plan_training(cfg: DictConfig) -> TrainingPlan:
                                                                         req.model.d_model),
                         build_loss_terms(cfg.loss), eval_config(cfg.eval))
     check_contracts(plan.terms, plan.sae.name, architecture(plan.sae.arch))
-    total_steps = math.ceil(tcfg.n_tokens / tcfg.batch_tokens)
     if cfg.match_l0:
-        log.info("match_l0: %s", match_l0(plan.sae, plan.terms, int(cfg.scale.target_l0),
-                                          ramp_steps=round(MATCH_L0_RAMP * total_steps)))
-    for warning in unfinished_schedules(cfg, total_steps):
+        log.info("match_l0: %s", match_l0(plan.sae, plan.terms, int(cfg.scale.target_l0)))
+    for term in plan.terms.values():
+        term.coefficient.plan(tcfg.total_steps)
+    for warning in unfinished_schedules(cfg, tcfg.total_steps):
         log.warning(warning)
     return plan
 

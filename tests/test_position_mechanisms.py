@@ -418,25 +418,44 @@ def test_adaptive_l1_keeps_a_standing_error_and_integral_control_removes_it():
     assert integral[-1] == pytest.approx(32, rel=0.01)
 
 
-def test_integral_l1_setpoint_glides_so_l0_approaches_the_target_from_above():
-    """With the setpoint gliding from the first L0 to the target over `ramp_steps`, L0
-    follows it down without undershooting the target by more than 10 % (a step to the
-    target undershoots to about half of it on this plant) and then settles within 3 % of
-    it; `setpoint()` is the log-linear glide and then the target."""
+def gliding(total_steps: int, **kwargs):
     from posae.losses.controllers import IntegralL1
 
-    glide = IntegralL1(value=0.04, target_l0=32, ramp_steps=200)
-    trace = lagged_plant(glide, 800)
+    controller = IntegralL1(value=0.04, target_l0=32, **kwargs)
+    controller.plan(total_steps)
+    return controller
+
+
+def test_integral_l1_setpoint_glides_so_l0_approaches_the_target_from_above():
+    """With the setpoint gliding from the first L0 to the target over the first
+    `ramp_fraction` of the run, L0 follows it down without undershooting the target by more
+    than 10 % (a step to the target undershoots to about half of it on this plant) and then
+    settles within 3 % of it; `setpoint()` is the log-linear glide and then the target."""
+    trace = lagged_plant(gliding(800, ramp_fraction=0.25), 800)
     assert min(trace) > 0.9 * 32
-    assert min(lagged_plant(IntegralL1(value=0.04, target_l0=32), 800)) < 0.6 * 32
+    assert min(lagged_plant(gliding(800, ramp_fraction=0.0), 800)) < 0.6 * 32
     assert max(abs(l0 / 32 - 1) for l0 in trace[600:]) < 0.03
-    fresh = IntegralL1(target_l0=32, ramp_steps=100)
+    fresh = gliding(250, ramp_fraction=0.4)  # a glide of 100 steps
     fresh.update({"l0": 3200.0})
     assert fresh.setpoint() == pytest.approx(32 * 100 ** 0.99)
     fresh.steps = 50
     assert fresh.setpoint() == pytest.approx(320)
     fresh.steps = 100
     assert fresh.setpoint() == 32
+
+
+def test_integral_l1_resumes_mid_glide_exactly_and_refuses_an_old_state():
+    from posae.losses.controllers import IntegralL1
+
+    first, second = gliding(400), gliding(400)
+    lagged_plant(first, 60)
+    second.load_state_dict(first.state_dict())
+    for l0 in (900.0, 700.0, 650.0):
+        first.update({"l0": l0})
+        second.update({"l0": l0})
+        assert second(0) == first(0) and second.setpoint() == first.setpoint()
+    with pytest.raises(ValueError, match="lacks .*'error'.*start the run again"):
+        IntegralL1().load_state_dict({"log_ratio": 0.3})
 
 
 def test_momentum_alpha_starts_at_its_initial_value_and_follows_reconstruction():

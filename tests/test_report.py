@@ -63,10 +63,12 @@ def test_every_declared_run_has_a_file_and_at_most_ten_runs():
 
 
 @pytest.mark.parametrize("experiment", [*MATCHED, "synthetic_matched"])
-def test_every_matched_run_is_planned_at_every_point_with_the_same_optimiser(experiment):
+def test_every_matched_run_is_planned_at_every_point_under_the_same_conditions(experiment):
     """Each method at the first point, and the first method at every point, composes as
     the sweep composes it and passes `plan_training` (match_l0 included) without compute;
-    every one trains with the protocol's optimiser and schedule."""
+    every one trains with the protocol's optimiser and schedule, the same tokens and (to
+    the divisibility a multi-scale SAE needs) the same width; the ATR controls resample or
+    leave out R_t as their files say."""
     from conftest import compose_config
 
     from posae.train import plan_training
@@ -74,12 +76,22 @@ def test_every_matched_run_is_planned_at_every_point_with_the_same_optimiser(exp
     _, group = {**MATCHED, **SYNTHETIC}[experiment]
     points = sweep_params(experiment)["+matched_point"].split(",")
     runs = declared_runs(experiment)
+    widths = set()
     for point, run in {(points[0], run) for run in runs} | {(p, runs[0]) for p in points}:
         cfg = compose_config(overrides=[f"+matched_point={point}", f"+{group}={run}",
                                         f"+experiment={experiment}"])
         plan = plan_training(cfg)
-        assert (plan.optim.name, plan.optim.lr, plan.optim.schedule, plan.trainer.grad_clip) == (
-            "adam", 2e-3, "warmup", None), (point, run)
+        assert (plan.optim.name, plan.optim.lr, plan.optim.schedule, plan.trainer.grad_clip,
+                plan.trainer.batch_tokens) == ("adam", 2e-3, "warmup", None, 2048), (point, run)
+        widths.add(plan.sae.d_sae)
+        if run.endswith("resample_100"):
+            assert plan.trainer.resample_every == 100
+        if run == "resampling_only_100":
+            assert "temporal" not in plan.terms
+    assert max(widths) - min(widths) <= 0.01 * max(widths), widths
+    assert len({compose_config(overrides=[f"+matched_point={points[0]}", f"+{group}={run}",
+                                          f"+experiment={experiment}"]).trainer.n_tokens
+                for run in runs}) == 1
 
 
 def test_the_synthetic_sweep_runs_every_variant_once():
@@ -163,8 +175,15 @@ def test_effects_are_welch_intervals_against_the_named_comparator():
     methods = ["relu", "topk", "topk_window", "window"]
     assert matched.comparators(methods, {"topk_window": "topk"}) == {
         "topk": "relu", "topk_window": "topk", "window": "relu"}
-    with pytest.raises(ValueError, match="topk_window is compared with gated"):
+    with pytest.raises(ValueError, match="topk_window: gated names gated, which is not"):
         matched.comparators(methods, {"topk_window": "gated"})
+    with pytest.raises(ValueError, match="typo: topk names typo"):
+        matched.comparators(methods, {"typo": "topk"})
+    groups = {("relu", 32): {"EV": [0.5, 0.51]}, ("topk", 32): {"EV": [0.8, 0.81]}}
+    found = matched.effects(groups, methods, {"topk_window": "topk"}, 32)
+    assert found["topk"]["EV"]["verdict"] == "higher"
+    assert found["topk_window"] == {"against": "topk",
+                                    "missing": "no finished run of topk_window at L0 32 yet"}
     paper = {"metrics": {"EV": ["core.explained_variance"], "KL": ["preservation.kl_score"],
                          "L0": ["core.l0"]},
              "claims": {"topk": {"EV": 0.79, "L0": 320, "KL": "about 0.99"}}}

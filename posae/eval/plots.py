@@ -200,6 +200,7 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
     from posae.matched import AXIS_LABELS, summary  # the report's, not the evaluation's
     shown = [label for label in labels if any(g.get(label) for g in groups.values())]
     fig, axes = plt.subplots(len(shown), 1, figsize=(7, 2.4 * len(shown)), sharex=True)
+    drawn = False
     for ax, label in zip(np.atleast_1d(axes), shown):
         for method in methods:
             points = sorted((t, g) for (m, t), g in groups.items() if m == method and g.get(label))
@@ -211,12 +212,13 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
             for claimed, value in (claims or {}).get(label, []):
                 if claimed == method:
                     ax.axhline(value, ls=":", lw=1, color=line[0].get_color())
+                    drawn = True
         ax.set_ylabel(AXIS_LABELS.get(label, label), fontsize=8)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes = np.atleast_1d(axes)
     axes[0].set_title(title + ("\ndotted: the paper's number (Gemma-2-2b, its own L0)"
-                               if claims else ""), fontsize=9)
+                               if drawn else ""), fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
     ticks = [2 ** i for i in range(0, 13)]  # powers of two, plain numbers, no minor labels
     axes[-1].set_xticks(ticks, [str(t) for t in ticks])

@@ -48,11 +48,12 @@ def check_contracts(terms: dict[str, LossTerm], variant: str, architecture: type
                 f"drop {name} from loss=[...]")
 
 
-def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int, ramp_steps: int) -> str:
+def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int) -> str:
     """Set the SAE's sparsity to `target` active latents (`match_l0=true`, the
     matched-sparsity protocol, docs/protocol.md) and say how: TopK-family architectures
-    take k = target; otherwise the coefficient of the one sparsity penalty becomes
-    integral control toward it (`IntegralL1`, starting from the configured value)."""
+    take k = target; otherwise the coefficient of the one sparsity penalty becomes a
+    proportional-integral controller toward it (`IntegralL1`, starting from the configured
+    value; an `IntegralL1` already configured keeps its gains and only takes the target)."""
     from posae.losses.controllers import IntegralL1
 
     if hasattr(sae_cfg, "k"):
@@ -66,9 +67,11 @@ def match_l0(sae_cfg, terms: dict[str, LossTerm], target: int, ramp_steps: int) 
             f"(l1, importance_l1, l0) in loss=[...] to set its L0, found "
             f"{penalties or 'none'} among {list(terms)}")
     term = terms[penalties[0]]
-    term.coefficient = IntegralL1(value=term.coefficient.value, target_l0=target,
-                                  ramp_steps=ramp_steps)
-    return f"loss.{penalties[0]}.coef under integral control toward L0 = {target}"
+    if isinstance(term.coefficient, IntegralL1):
+        term.coefficient.target = float(target)
+    else:
+        term.coefficient = IntegralL1(value=term.coefficient.value, target_l0=target)
+    return f"loss.{penalties[0]}.coef under proportional-integral control toward L0 = {target}"
 
 
 __all__ = ["Coefficient", "LossTerm", "StepContext", "build_loss_terms", "check_contracts",

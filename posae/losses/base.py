@@ -40,6 +40,10 @@ class Coefficient:
     def __call__(self, step: int) -> float:
         raise NotImplementedError
 
+    def plan(self, total_steps: int) -> None:
+        """Called once before training with the run's length (a schedule that is a fraction
+        of the run turns it into steps here)."""
+
     def update(self, stats: dict[str, float]) -> None:
         """Called after every optimiser step with that step's statistics."""
 
@@ -81,7 +85,7 @@ class LossTerm:
     # `SAE.provides` when the config is read (posae.losses.check_contracts).
     requires: ClassVar[tuple[str, ...]] = ()
     # A penalty whose coefficient sets the SAE's L0 (L1, importance-weighted L1, L0): the
-    # one `match_l0=true` puts under integral control toward the target L0.
+    # one `match_l0=true` puts under proportional-integral control toward the target L0.
     sets_sparsity: ClassVar[bool] = False
 
     def __init__(self, coef: float | Coefficient = 1.0, warmup_steps: int = 0):

@@ -54,32 +54,41 @@ class AdaptiveL1(Coefficient):
 
 
 class IntegralL1(Coefficient):
-    """Ours, not 001's: proportional-integral control of λ toward a target L0 in log space,
+    """Ours, not 001's: proportional-integral control of the sparsity coefficient toward a
+    target L0, in log space. After step t, with s_t its L0 and s*_t the setpoint,
 
-        e_t = log(s_t / s*_t),   I_{t+1} = I_t + κ_I e_t,   log λ_t = log λ0 + I_t + κ_P e_t,
+        e_t = log(s_t / s*_t),   I_t = I_{t-1} + κ_I e_t,   log λ_{t+1} = log λ0 + I_t + κ_P e_t,
 
-    so λ keeps rising while L0 is above target and falling while below, and can settle only
-    at s_t = s* (the integral removes 001 eq. 4's standing error). L0 answers λ tens of
-    steps late and recovers slowly from an undershoot (latents silenced by a λ peak come
-    back slowly), so a step from the initial L0 (≈ 1500 on MiniLM) to s* makes the
-    integral overshoot. The setpoint therefore glides log-linearly from the first step's L0
-    to s* over `ramp_steps`, s*_t = s* (s_0 / s*)^{1 - t / ramp}, and the proportional term
-    answers the current error at once (measured on MiniLM, docs/protocol.md). The error is
-    a log-ratio, so the gains mean the same at every width and target; I is kept within
-    ±`max_exponent`."""
+    so λ keeps rising while L0 is above the setpoint and falling while below, and can
+    settle only at s = s* (the integral removes 001 eq. 4's standing error). L0 answers λ
+    tens of steps late and recovers slowly from an undershoot (latents silenced by a λ peak
+    come back slowly), so a step from the initial L0 (≈ 1500 on MiniLM) to s* makes the
+    integral overshoot. The setpoint therefore glides log-linearly down from the first
+    step's L0 to s* over the first `ramp_fraction` of the run, s*_t = s* (s_0 / s*)^{1 - t/R}
+    (a first L0 already below s* has no glide), and the proportional term answers the
+    current error at once (measured on MiniLM, docs/protocol.md). The error is a log-ratio,
+    so the gains mean the same at every width and target; I is kept within ±`max_exponent`."""
 
     def __init__(self, value: float = 0.04, gain: float = 0.02, proportional: float = 1.0,
-                 target_l0: float = 32.0, ramp_steps: int = 0, max_exponent: float = 20.0):
-        if target_l0 <= 0 or gain <= 0 or value <= 0 or proportional < 0 or ramp_steps < 0:
-            raise ValueError("loss.l1.coef: value, gain and target_l0 must be positive, "
-                             "proportional and ramp_steps non-negative")
+                 target_l0: float = 32.0, ramp_fraction: float = 0.4,
+                 max_exponent: float = 20.0):
+        if target_l0 <= 0 or gain <= 0 or value <= 0 or proportional < 0 \
+                or not 0 <= ramp_fraction <= 1:
+            raise ValueError("the sparsity coefficient's controller: value, gain and target_l0 "
+                             "must be positive, proportional non-negative, ramp_fraction in "
+                             f"[0, 1]; got value={value}, gain={gain}, target_l0={target_l0}, "
+                             f"proportional={proportional}, ramp_fraction={ramp_fraction}")
         self.value, self.gain, self.target = float(value), float(gain), float(target_l0)
-        self.proportional, self.ramp_steps = float(proportional), int(ramp_steps)
+        self.proportional, self.ramp_fraction = float(proportional), float(ramp_fraction)
         self.max_exponent = max_exponent
+        self.ramp_steps = 0
         self.log_ratio = 0.0
         self.error = 0.0
         self.steps = 0
         self.initial_l0 = None
+
+    def plan(self, total_steps: int) -> None:
+        self.ramp_steps = round(self.ramp_fraction * total_steps)
 
     def __call__(self, step: int) -> float:
         return self.value * math.exp(self.log_ratio + self.proportional * self.error)
@@ -106,6 +115,11 @@ class IntegralL1(Coefficient):
                 "initial_l0": self.initial_l0}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = {"log_ratio", "error", "steps", "initial_l0"} - set(state)
+        if missing:
+            raise ValueError(f"checkpointed L1 controller state lacks {sorted(missing)}: it "
+                             "was saved by the integral-only controller, which cannot be "
+                             "resumed as the current one; start the run again")
         self.log_ratio, self.error = state["log_ratio"], state["error"]
         self.steps, self.initial_l0 = state["steps"], state["initial_l0"]
 

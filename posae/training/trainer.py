@@ -75,7 +75,7 @@ class Trainer:
             raise ConfigError(
                 f"trainer.micro_batches={cfg.micro_batches} exceeds the "
                 f"{self.units_per_step // self.world} windows each process gets per step")
-        self.total_steps = math.ceil(cfg.n_tokens / cfg.batch_tokens)
+        self.total_steps = cfg.total_steps
         self.scale = input_scale(cache, cfg.normalize_activations)
         self.order = WindowOrder(train_ids, cache.context_size, cfg.window, seed)
         self.loader = BatchLoader(cache, cfg.window, self.scale, cfg.train_on_special_tokens,
