@@ -278,3 +278,27 @@ def test_a_relaunched_sweep_skips_finished_jobs_and_redoes_the_rest(tmp_path, ca
     assert "already holds a finished run (resume=auto): skipped" in again.output
     assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == kept
     assert (sweep / "1" / "metrics.json").exists()
+
+
+def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeypatch):
+    from posae import summary
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments" / "000_pa_sae").mkdir(parents=True)
+    effect = {"difference": 0.02, "ci95": [0.01, 0.03], "verdict": "higher", "no_spread": False}
+    (tmp_path / "experiments" / "000_pa_sae" / "matched.json").write_text(json.dumps({
+        "effects": {"t1_2_soft_masking": {"against": "t1_0_baseline", "EV": effect},
+                    "t1_1_hard_masking": {"against": "t1_0_baseline",
+                                          "missing": "no finished run yet"}}}))
+    path = tmp_path / "experiments" / "SUMMARY.md"
+    path.write_text(f"# Summary\n\n{summary.BEGIN}\nold\n{summary.END}\n\nFindings stay.\n")
+    summary.main()
+    text = path.read_text()
+    assert "old" not in text and text.endswith("Findings stay.\n")
+    soft = next(line for line in text.splitlines() if line.startswith("| PA soft masks"))
+    assert "000: t1_2_soft_masking (t1_0_baseline) | better +0.02 [+0.01, +0.03] | —" in soft
+    assert "no finished run yet" in text
+    assert "| TC window (003 eq. 6) | 003: tc_sae (—) | not run yet" in text
+    path.write_text("no markers")
+    with pytest.raises(SystemExit, match="marker lines"):
+        summary.main()
