@@ -118,11 +118,15 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
     """Rows of finished runs (label + metrics) and the names of runs without metrics.
     Refuses runs evaluated under different metric definitions (`metric_version`)."""
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
-                  key=lambda p: int(p.name) if p.name.isdigit() else p.name)
+                  key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
+                                 p.name))
     rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job),
              "point": matched_point(job)} for job in jobs if (job / "metrics.json").exists()]
     for row in rows:
         row["key"] = job_key(row["run"], point_name(row["job"]))
+    expected = expected_runs(config)
+    order = {name: i for i, name in enumerate(expected)}  # the declared order, then the rest
+    rows.sort(key=lambda row: order.get(row["key"], len(order)))
     versions: dict[int, list[str]] = {}
     for row in rows:  # metrics.json before metric_version existed: version 1
         versions.setdefault(row["metrics"].get("metric_version", 1), []).append(row["job"].name)
@@ -133,7 +137,7 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
                           f"({listing}); re-evaluate the older ones with "
                           f"`python -m posae.evaluate run_dir=<job>` (docs/metrics.md)")
     done = {row["key"] for row in rows}
-    return rows, [name for name in expected_runs(config) if name not in done]
+    return rows, [name for name in expected if name not in done]
 
 
 def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:

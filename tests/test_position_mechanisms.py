@@ -393,6 +393,41 @@ def test_pa_sae_records_per_token_gradients_and_scales_the_backward_by_its_rates
     torch.testing.assert_close(sae_grad_pos2, reference.W_enc.grad)
 
 
+def test_fixed_mask_control_matches_the_soft_mask_at_initialisation_and_never_moves():
+    soft, fixed = pa_sae(mask="soft"), pa_sae(mask="fixed")
+    fixed.load_state_dict(soft.state_dict())
+    x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
+    torch.testing.assert_close(fixed(x, pos).f, soft(x, pos).f)
+    assert "mask_logits" not in dict(fixed.named_parameters())  # no optimiser moves it
+    assert fixed.mechanism_state()["mask_mean"] == pytest.approx(torch.sigmoid(
+        torch.tensor(2.0)).item())
+
+
+def test_importance_weights_feed_back_and_the_bound_caps_them():
+    """The importance L1's own gradient (λ·L·w) enters g (eq. 6): a position whose weight
+    is large records a large gradient, so its weight grows until the latent's whole L1 sits
+    there; `importance_bound` keeps L·w within [1/b, b]."""
+    def run(bound):
+        sae = pa_sae(mask="none", adaptive_rates=False, importance_bound=bound).train()
+        sae.set_token_gradient_scale(12.0)
+        with torch.no_grad():
+            sae.importance_ema[2] = 1.0  # position 2 starts slightly heavier
+        x, pos = torch.rand(2, 6, 8), torch.arange(6).expand(2, 6)
+        for step in range(60):
+            out = sae(x, pos, torch.ones(2, 6, dtype=bool))
+            (out.extras["position_weights"] * out.f.abs()).sum().mul(2.0).div(12).backward()
+            sae.before_step(step)
+            sae.zero_grad()
+        return sae.mechanism_state()
+
+    free, bounded = run(None), run(2.0)
+    assert free["importance_weight_max"] == pytest.approx(6.0, rel=1e-3)  # L = 6: collapsed
+    assert free["importance_collapsed_latents"] > 0
+    assert bounded["importance_weight_max"] == pytest.approx(2.0)
+    assert bounded["importance_weight_min"] == pytest.approx(0.5)
+    assert bounded["importance_collapsed_latents"] == 0
+
+
 def lagged_plant(controller, steps: int, delay: int = 20, response: float = 0.1
                  ) -> list[float]:
     """L0 drifts toward 40 / λ (λ0 = 0.04 gives L0 = 1000) of `delay` steps before,

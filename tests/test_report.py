@@ -267,19 +267,27 @@ def test_the_components_off_control_equals_its_baseline(tmp_path, cache_root):
 
 
 @pytest.mark.slow
-def test_a_relaunched_sweep_skips_finished_jobs_and_redoes_the_rest(tmp_path, cache_root):
+def test_a_relaunched_sweep_skips_finished_jobs_redoes_the_rest_and_takes_new_runs(
+        tmp_path, cache_root):
+    """Matched sweeps name each run's folder <run>@<point>: a run added to the list on
+    relaunch (here in the middle) neither shifts nor reuses a finished run's folder."""
     sweep = tmp_path / "sweep"
-    command = ["posae.train", "-m", "+experiment=pa_sae_runs", *TINY,
-               "+pa_sae_run=t1_0_baseline,components_off", f"cache.root={cache_root}",
+    command = ["posae.train", "-m", "+experiment=pa_sae_matched", *TINY, "eval.enabled=false",
+               "+matched_point=l0_32_seed0", f"cache.root={cache_root}",
                f"hydra.sweep.dir={sweep}"]
-    assert run_module(*command, timeout=900).returncode == 0
-    kept = (sweep / "0" / "metrics.json").stat().st_mtime_ns
-    (sweep / "1" / "metrics.json").unlink()  # job 1 was interrupted before its evaluation
-    again = run_module(*command, "resume=auto", timeout=900)
+    first = run_module(*command, "+pa_sae_run=t1_0_baseline,components_off", timeout=900)
+    assert first.returncode == 0, first.output[-3000:]
+    baseline, off = sweep / "t1_0_baseline@l0_32_seed0", sweep / "components_off@l0_32_seed0"
+    kept = (baseline / "train_summary.json").stat().st_mtime_ns
+    (off / "train_summary.json").unlink()  # interrupted before it finished
+    again = run_module(*command, "+pa_sae_run=t1_0_baseline,topk,components_off",
+                       "resume=auto", timeout=900)
     assert again.returncode == 0, again.output[-3000:]
-    assert "already holds a finished run (resume=auto): skipped" in again.output
-    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == kept
-    assert (sweep / "1" / "metrics.json").exists()
+    assert f"{baseline} already holds a finished run (resume=auto): skipped" in again.output
+    assert (baseline / "train_summary.json").stat().st_mtime_ns == kept
+    assert (off / "train_summary.json").exists()
+    added = yaml.safe_load((sweep / "topk@l0_32_seed0" / "run_config.yaml").read_text())
+    assert added["variant"]["name"] == "topk"
 
 
 def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeypatch):

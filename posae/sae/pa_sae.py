@@ -4,10 +4,12 @@ gradient statistics behind its importance-weighted L1.
     f_l = ReLU(m_l ⊙ pre)                                            (000 eq. 2-3)
       m_l = sigmoid(M_l) (soft) | 1[sigmoid(M_l) > 1/2] with a straight-through gradient
             (hard) | 1 (mask: none);  M ∈ R^{L×k} learned logits
+            | sigmoid(M_l) with M frozen at its initial value (fixed: our control for soft)
     ∂L/∂f_l ← ∂L/∂f_l · α_l / α_0 in the backward pass: α_l weighs what tokens at
             position l teach latent i
     α_l ← clip(α_l (1 + γ (g_l - mean_l g_l)), α_min, α_max)          (000 eq. 4)
     EMA_l ← β EMA_l + (1 - β) g_l;  w = softmax over positions of EMA (000 eq. 6)
+      w ← clip(L·w, 1/b, b) / L when `importance_bound` b is set (ours, not 000's)
 
 g_{l,i} is the mean over the last step's tokens at position l of the per-token gradient
 |∂L_token/∂f_{l,i}|: a gradient hook on the codes reads ∂L/∂f of the batch-mean loss and
@@ -24,6 +26,11 @@ i's encoder row and bias, between 0.1× and 10× each other (α_min, α_max). (M
 pre-activations by α/α_0 instead, our first reading, is unstable with per-token gradients:
 rates grow where the error is large, which makes codes and error larger.) w is handed to
 the `importance_l1` term as L·w, so uniform weights give the plain L1.
+g includes the gradient of the importance-weighted L1 itself (λ·L·w_{l,i} wherever the code
+is active), so a (position, latent) whose weight rises records a larger gradient, which
+raises its weight: on MiniLM at L0 ≤ 32 some latents put their whole L1 on one position
+(L·w = L there, 0 elsewhere; `mech/importance_collapsed_latents` counts them). The bound b,
+off by default, caps that loop like eq. 4's bounds cap the rates.
 """
 
 from __future__ import annotations
@@ -38,12 +45,12 @@ from torch import Tensor, nn
 from posae.config import ConfigError
 from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
 
-INITIAL_MASK_LOGIT = {"soft": 2.0, "hard": 0.05, "none": 0.0}
+INITIAL_MASK_LOGIT = {"soft": 2.0, "fixed": 2.0, "hard": 0.05, "none": 0.0}
 
 
 @dataclass
 class PASAEConfig(PositionalConfig):
-    # soft | hard | none
+    # soft | hard | none | fixed (soft's sigmoid(M) with M frozen: a control, not 000's)
     mask: str = "soft"
     # Initial mask logits M. null: 2.0 for soft masks (sigmoid 0.88, every latent open) and
     # 0.05 for hard masks (open, 0.05 from the threshold: Adam moves a logit by about lr a
@@ -55,6 +62,8 @@ class PASAEConfig(PositionalConfig):
     rate_max: float = 0.1
     rate_gamma: float = 0.01
     importance_beta: float = 0.9
+    # null: eq. 6 as written. b > 1: L·w clipped to [1/b, b] (ours, against the collapse)
+    importance_bound: Optional[float] = None
 
     @property
     def initial_mask_logit(self) -> float:
@@ -62,10 +71,14 @@ class PASAEConfig(PositionalConfig):
 
     def validate(self) -> None:
         if self.mask not in INITIAL_MASK_LOGIT:
-            raise ConfigError(f"variant.mask: {self.mask!r} is not one of soft, hard, none")
+            raise ConfigError(f"variant.mask: {self.mask!r} is not one of "
+                              f"{', '.join(INITIAL_MASK_LOGIT)}")
         if not 0 < self.rate_min <= self.rate_init <= self.rate_max:
             raise ConfigError(f"variant.rate_init: needs 0 < rate_min <= rate_init <= rate_max, "
                               f"got {self.rate_min}, {self.rate_init}, {self.rate_max}")
+        if self.importance_bound is not None and not self.importance_bound > 1:
+            raise ConfigError(f"variant.importance_bound: needs null or a number > 1, got "
+                              f"{self.importance_bound}")
 
 
 class PASAE(SAE):
@@ -75,7 +88,11 @@ class PASAE(SAE):
     def __init__(self, cfg: PASAEConfig):
         super().__init__(cfg)
         L, k = cfg.context_size, cfg.d_sae
-        self.mask_logits = nn.Parameter(torch.full((L, k), cfg.initial_mask_logit))
+        logits = torch.full((L, k), cfg.initial_mask_logit)
+        if cfg.mask == "fixed":
+            self.register_buffer("mask_logits", logits)
+        else:
+            self.mask_logits = nn.Parameter(logits)
         self.register_buffer("rates", torch.full((L, k), cfg.rate_init))
         self.register_buffer("importance_ema", torch.zeros(L, k))
         self.register_buffer("grad_sum", torch.zeros(L, k))
@@ -89,7 +106,7 @@ class PASAE(SAE):
         if self.cfg.mask == "none":
             return torch.ones((), device=pos.device)
         soft = torch.sigmoid(per_position(self.mask_logits, pos))
-        if self.cfg.mask == "soft":
+        if self.cfg.mask in ("soft", "fixed"):
             return soft
         return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
 
@@ -106,8 +123,14 @@ class PASAE(SAE):
         if self.training and f.requires_grad:
             counted = torch.ones_like(pos, dtype=f.dtype) if mask is None else mask.to(f.dtype)
             f.register_hook(lambda grad: self._on_code_gradient(grad, pos, counted))
-        weights = self.cfg.context_size * per_position(torch.softmax(self.importance_ema, 0), pos)
+        weights = per_position(self.position_weights(), pos)
         return SAEOutput(self.decode(f), f, pre, {"position_weights": weights})
+
+    def position_weights(self) -> Tensor:
+        """L·w of eq. 6 (L × k), clipped to [1/b, b] when `importance_bound` b is set."""
+        weights = self.cfg.context_size * torch.softmax(self.importance_ema, 0)
+        bound = self.cfg.importance_bound
+        return weights if bound is None else weights.clamp(1 / bound, bound)
 
     @torch.no_grad()
     def _on_code_gradient(self, grad: Tensor, pos: Tensor, counted: Tensor) -> Tensor:
@@ -153,8 +176,11 @@ class PASAE(SAE):
         if self.cfg.adaptive_rates:
             state.update(rate_min=self.rates.min().item(), rate_mean=self.rates.mean().item(),
                          rate_max=self.rates.max().item())
-        weights = self.cfg.context_size * torch.softmax(self.importance_ema, 0)
+        weights = self.position_weights()
+        # a collapsed latent: more than half of its L1 weight (L in all) on one position
+        collapsed = weights.max(0).values > self.cfg.context_size / 2
         state.update(importance_weight_min=weights.min().item(),
                      importance_weight_max=weights.max().item(),
-                     importance_weight_std=weights.std().item())
+                     importance_weight_std=weights.std().item(),
+                     importance_collapsed_latents=float(collapsed.sum().item()))
         return state

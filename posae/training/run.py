@@ -32,7 +32,7 @@ def run_name_and_group(run_dir: Path) -> tuple[str, str | None]:
     hydra = HydraConfig.get()
     if hydra.mode == RunMode.MULTIRUN:
         sweep = Path(hydra.sweep.dir).name
-        return f"{sweep}/{hydra.job.num}", sweep
+        return f"{sweep}/{run_dir.name}", sweep
     return run_dir.name, None
 
 
