@@ -63,14 +63,16 @@ def matched_point(job: Path) -> tuple[int, int] | None:
     return int(config["scale"]["target_l0"]), int(config["seed"])
 
 
-def aggregate(rows: list[dict], first_metric) -> dict[tuple[str, int], dict[str, list]]:
-    """{(method, target L0): {metric label: values over seeds}} for rows with a point; a
-    non-finite value is left out and its label listed under "non-finite"."""
+def aggregate(rows: list[dict], first_metric) -> tuple[dict[tuple[str, int], dict[str, list]],
+                                                        list[dict]]:
+    """{(method, target L0): {metric label: values over seeds}} for rows with a point, and
+    the non-finite values left out of it (each: method, target, seed and metric)."""
     groups: dict[tuple[str, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    non_finite = []
     for row in rows:
         if row.get("point") is None:
             continue
-        values = groups[(row["run"], row["point"][0])]
+        (target, seed), values = row["point"], groups[(row["run"], row["point"][0])]
         for label, paths in METRICS:
             value = first_metric(row["metrics"], paths)
             if value is None:
@@ -78,8 +80,9 @@ def aggregate(rows: list[dict], first_metric) -> dict[tuple[str, int], dict[str,
             if math.isfinite(value):
                 values[label].append(float(value))
             else:
-                values["non-finite"].append(label)
-    return groups
+                non_finite.append({"method": row["run"], "target_l0": target, "seed": seed,
+                                   "metric": label})
+    return groups, non_finite
 
 
 def summary(values: list[float]) -> tuple[float, float, int]:
@@ -143,11 +146,15 @@ def cell(mean: float, sd: float, n: int) -> str:
     return f"{mean:.4g}" if n == 1 else f"{mean:.4g} ± {sd:.2g}"
 
 
+def interval_text(e: dict) -> str:
+    """An effect's difference and 95 % interval, e.g. `+0.02 [+0.01, +0.03]`."""
+    return f"{e['difference']:+.3g} [{e['ci95'][0]:+.3g}, {e['ci95'][1]:+.3g}]"
+
+
 def effect_cell(e: dict | None) -> str:
     if e is None:
         return "—"
-    return (f"{e['difference']:+.3g} [{e['ci95'][0]:+.3g}, {e['ci95'][1]:+.3g}] {e['verdict']}"
-            + (" (no spread)" if e["no_spread"] else ""))
+    return f"{interval_text(e)} {e['verdict']}" + (" (no spread)" if e["no_spread"] else "")
 
 
 def l0_misses(rows: list[dict]) -> list[dict]:
@@ -176,7 +183,8 @@ def l0_misses(rows: list[dict]) -> list[dict]:
     return missed
 
 
-def markdown(groups: dict, methods: list[str], found: dict, common: int, missed: list[dict]
+def markdown(groups: dict, methods: list[str], found: dict, common: int, missed: list[dict],
+             non_finite: list[dict]
              ) -> list[str]:
     """The matched table at the common L0 (mean ± sd over seeds), the effects table (each
     method against its comparator: difference, Welch 95 % interval, verdict; † where a run
@@ -213,8 +221,8 @@ def markdown(groups: dict, methods: list[str], found: dict, common: int, missed:
             if values:
                 lines.append("| " + " | ".join([method, str(target), *(
                     cell(*summary(values.get(label, []))) for label in labels)]) + " |")
-    dropped = [f"{method} at {target}: {', '.join(values['non-finite'])}"
-               for (method, target), values in sorted(groups.items()) if values.get("non-finite")]
+    dropped = [f"{v['method']} (target {v['target_l0']}, seed {v['seed']}): {v['metric']}"
+               for v in non_finite]
     listing = "; ".join(f"{m['method']} (target {m['target_l0']}, seed {m['seed']}): "
                         f"{m['reason']}" for m in missed)
     lines += ["", f"Runs not matched (held-out L0 more than {L0_TOLERANCE:.0%} from the target, "
@@ -239,16 +247,18 @@ def claimed_levels(paper: dict) -> dict[str, list[tuple[str, float]]]:
     return dict(levels)
 
 
-def summary_json(groups: dict, found: dict, common: int, missed: list[dict]) -> dict:
+def summary_json(groups: dict, found: dict, common: int, missed: list[dict],
+                 non_finite: list[dict]) -> dict:
     """`matched.json`: per (method, target L0) each metric's mean, sd and seeds, the effects
-    at the common L0, and the runs not matched; what experiments/SUMMARY.md is read from."""
+    at the common L0, the runs not matched and the non-finite values left out; what
+    experiments/SUMMARY.md is read from."""
     return {
         "common_l0": common,
         "points": [{"method": method, "target_l0": target, **{
-            label: (values if label == "non-finite" else
-                    dict(zip(("mean", "sd", "n"), summary(values))))
+            label: dict(zip(("mean", "sd", "n"), summary(values)))
             for label, values in metrics.items()}}
             for (method, target), metrics in sorted(groups.items())],
         "effects": found,
         "not_matched": missed,
+        "non_finite": non_finite,
     }

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     paper_header, paper_body = paper_table(rows, paper)
     labels, paths, standard_body = standard_table(rows)
     text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing)
-    groups = matched.aggregate(rows, first_metric)
+    groups, non_finite = matched.aggregate(rows, first_metric)
     # the declared order (the first is the baseline), whether or not a method has finished
     methods = list(dict.fromkeys(key.split(" @ ")[0] for key in expected_runs(config)))
     if groups:
@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             sys.exit(f"posae.report: {err}")
         missed = matched.l0_misses(rows)
-        text += "\n" + "\n".join(matched.markdown(groups, methods, found, common, missed))
+        text += "\n" + "\n".join(matched.markdown(groups, methods, found, common, missed,
+                                                     non_finite))
         (sweep / "matched.json").write_text(json.dumps(
-            matched.summary_json(groups, found, common, missed), indent=1))
+            matched.summary_json(groups, found, common, missed, non_finite), indent=1))
     (sweep / "report.md").write_text(text)
     csv_header = paper_header + paths[2:]
     csv_body = [p + s[2:] for p, s in zip(paper_body, standard_body)]

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from posae.matched import interval_text
+
 EXPERIMENTS = Path("experiments")
 SUMMARY = EXPERIMENTS / "SUMMARY.md"
 BEGIN, END = "<!-- mechanisms table: python -m posae.summary -->", "<!-- end of table -->"
@@ -72,8 +74,7 @@ def effect_text(effect: dict | None) -> str:
     if effect is None:
         return "—"
     word = {"higher": "better", "lower": "worse"}.get(effect["verdict"], effect["verdict"])
-    low, high = effect["ci95"]
-    return f"{word} {effect['difference']:+.3g} [{low:+.3g}, {high:+.3g}]"
+    return f"{word} {interval_text(effect)}"
 
 
 def cell(result: dict | None, method: str, labels: list[str]) -> str:

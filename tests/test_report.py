@@ -76,7 +76,7 @@ def test_every_matched_run_is_planned_at_every_point_under_the_same_conditions(e
     _, group = {**MATCHED, **SYNTHETIC}[experiment]
     points = sweep_params(experiment)["+matched_point"].split(",")
     runs = declared_runs(experiment)
-    widths = set()
+    widths, tokens = set(), set()
     for point, run in {(points[0], run) for run in runs} | {(p, runs[0]) for p in points}:
         cfg = compose_config(overrides=[f"+matched_point={point}", f"+{group}={run}",
                                         f"+experiment={experiment}"])
@@ -84,14 +84,13 @@ def test_every_matched_run_is_planned_at_every_point_under_the_same_conditions(e
         assert (plan.optim.name, plan.optim.lr, plan.optim.schedule, plan.trainer.grad_clip,
                 plan.trainer.batch_tokens) == ("adam", 2e-3, "warmup", None, 2048), (point, run)
         widths.add(plan.sae.d_sae)
+        tokens.add(cfg.trainer.n_tokens)
         if run.endswith("resample_100"):
             assert plan.trainer.resample_every == 100
         if run == "resampling_only_100":
             assert "temporal" not in plan.terms
     assert max(widths) - min(widths) <= 0.01 * max(widths), widths
-    assert len({compose_config(overrides=[f"+matched_point={points[0]}", f"+{group}={run}",
-                                          f"+experiment={experiment}"]).trainer.n_tokens
-                for run in runs}) == 1
+    assert len(tokens) == 1, tokens
 
 
 def test_the_synthetic_sweep_runs_every_variant_once():
@@ -190,6 +189,21 @@ def test_effects_are_welch_intervals_against_the_named_comparator():
     assert matched.claimed_levels(paper) == {"EV": [("topk", 0.79)]}
 
 
+def test_a_non_finite_value_is_left_out_of_the_means_and_listed():
+    from posae import matched
+    from posae.report import first_metric
+
+    rows = [{"run": "relu", "point": (32, seed),
+             "metrics": {"core": {"l0": 32.0, "explained_variance": ev}}}
+            for seed, ev in enumerate([0.5, float("nan"), 0.7])]
+    groups, non_finite = matched.aggregate(rows, first_metric)
+    assert groups[("relu", 32)]["EV"] == [0.5, 0.7]
+    assert groups[("relu", 32)]["L0"] == [32.0] * 3
+    assert non_finite == [{"method": "relu", "target_l0": 32, "seed": 1, "metric": "EV"}]
+    text = "\n".join(matched.markdown(groups, ["relu"], {}, 32, [], non_finite))
+    assert "Non-finite values left out: relu (target 32, seed 1): EV." in text
+
+
 def test_metric_paths_and_the_mean_over_tasks():
     metrics = {"core": {"l0": 3.0},
                "sparse_probing": {"a": {"mean": {"acc": 0.5}}, "b": {"mean": {"acc": 1.0}}}}
@@ -222,6 +236,7 @@ def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, c
     result = run_module("posae.train", "-m", "+experiment=pa_sae_matched", *TINY,
                         "+pa_sae_run=t1_0_baseline,topk",
                         "+matched_point=l0_32_seed0,l0_32_seed1,l0_16_seed0",
+                        "trainer.log_every=1",
                         f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
     assert result.returncode == 0, result.output[-3000:]
     report = run_module("posae.report", str(sweep))
@@ -248,6 +263,11 @@ def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, c
     assert (sweep / "plots" / "frontier.png").exists()
     rows = list(csv.reader(open(sweep / "report.csv")))
     assert "topk @ l0_16_seed0" in [r[0] for r in rows[1:]]
+    # the controller's setpoint is logged: it glides from the first L0 down to the target
+    log = [json.loads(line) for line in
+           open(sweep / "t1_0_baseline@l0_16_seed0" / "train_log.jsonl")]
+    setpoints = [r["coef/l1_l0_setpoint"] for r in log if "coef/l1_l0_setpoint" in r]
+    assert setpoints[0] > 16 and setpoints[-1] == 16
 
 
 @pytest.mark.slow

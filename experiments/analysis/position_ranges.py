@@ -10,7 +10,8 @@ Control: the encoder applied to the per-position mean input μ_t = E[x | positio
 (one vector per position, no token content). A range latent that also fires on μ_t over
 its range reads the position component of the residual stream rather than token content.
 
-    python experiments/analysis/position_ranges.py outputs/sweeps/pa_sae_matched/embedded/{1,8,15}
+    python experiments/analysis/position_ranges.py \
+        outputs/sweeps/pa_sae_matched/embedded/{t1_0_baseline,topk}@l0_32_seed0
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def longest_run(active: np.ndarray) -> tuple[int, int]:
     return best[1], best[0]
 
 
+def range_latents(rate: np.ndarray) -> list[tuple[int, int, int]]:
+    """(latent, start, length) of each range latent, from firing rates [position, latent]."""
+    found = []
+    for latent in range(rate.shape[1]):
+        start, length = longest_run(rate[:, latent] >= EDGE)
+        inside = rate[start:start + length, latent]
+        outside = np.delete(rate[:, latent], np.s_[start:start + length])
+        if length >= MIN_LENGTH and inside.mean() >= INSIDE and outside.mean() <= OUTSIDE:
+            found.append((latent, start, length))
+    return found
+
+
 @torch.no_grad()
 def analyse(run_dir: Path) -> dict:
     inputs = RunInputs(run_dir, torch.device("cpu"))
@@ -57,14 +70,9 @@ def analyse(run_dir: Path) -> dict:
     positions = torch.arange(len(counts))[torch.from_numpy(valid)]
     on_mean = (sae.encode(mean_input[None], positions[None],
                           torch.ones(1, len(positions), dtype=torch.bool))[0] > 0).numpy()
-    ranges, reads_mean = [], 0
-    for latent in range(rate.shape[1]):
-        start, length = longest_run(rate[:, latent] >= EDGE)
-        inside = rate[start:start + length, latent]
-        outside = np.delete(rate[:, latent], np.s_[start:start + length])
-        if length >= MIN_LENGTH and inside.mean() >= INSIDE and outside.mean() <= OUTSIDE:
-            ranges.append((latent, start, length))
-            reads_mean += on_mean[start:start + length, latent].mean() >= 0.5
+    ranges = range_latents(rate)
+    reads_mean = sum(on_mean[start:start + length, latent].mean() >= 0.5
+                     for latent, start, length in ranges)
     return {"run": str(run_dir), "sae": sae.cfg.name, "range_latents": len(ranges),
             "ranges": sorted((int(positions[start]), int(positions[start + length - 1]))
                              for _, start, length in ranges),

@@ -47,6 +47,10 @@ class Coefficient:
     def update(self, stats: dict[str, float]) -> None:
         """Called after every optimiser step with that step's statistics."""
 
+    def logged_state(self) -> dict[str, float]:
+        """What a controller tracks beside its value (logged as `coef/<term>_<key>`)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -100,6 +100,9 @@ class IntegralL1(Coefficient):
         remaining = 1.0 - self.steps / self.ramp_steps
         return self.target * max(1.0, self.initial_l0 / self.target) ** remaining
 
+    def logged_state(self) -> dict[str, float]:
+        return {"l0_setpoint": self.setpoint()}
+
     def update(self, stats: dict[str, float]) -> None:
         l0 = max(stats["l0"], 1e-3)
         if self.initial_l0 is None:

@@ -213,6 +213,8 @@ class Trainer:
     def mechanism_stats(self) -> dict[str, float]:
         """The state of every mechanism: the SAE's own (`mech/`), the resampling record."""
         stats = {f"mech/{name}": value for name, value in self.sae.mechanism_state().items()}
+        stats.update({f"coef/{term}_{key}": value for term, t in self.terms.items()
+                      for key, value in t.coefficient.logged_state().items()})
         if self.cfg.resample_every:
             stats.update(self.resampled)
         return stats
