@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # A cluster's own torch is kept. Override: make install TORCH='torch==2.5.1'.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test run bench-cache bench-train
+.PHONY: install test run matched bench-cache bench-train
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -17,6 +17,10 @@ test:
 # The main job on the embedded default (MiniLM, stdlib docstrings).
 run:
 	$(PYTHON) -m posae.train
+
+# Every matched-sparsity sweep, resumable (docs/protocol.md): about 9 CPU hours.
+matched:
+	experiments/run_matched.sh
 
 bench-cache:
 	$(PYTHON) benchmarks/bench_cache.py
