@@ -20,7 +20,7 @@ run:
 
 # Every matched-sparsity sweep, resumable (docs/protocol.md): about 9 CPU hours.
 matched:
-	experiments/run_matched.sh
+	PYTHON=$(PYTHON) experiments/run_matched.sh
 
 bench-cache:
 	$(PYTHON) benchmarks/bench_cache.py

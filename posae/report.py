@@ -122,8 +122,15 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
                                  p.name))
     rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job),
              "point": matched_point(job)} for job in jobs if (job / "metrics.json").exists()]
+    folders: dict[str, list[str]] = {}
     for row in rows:
         row["key"] = job_key(row["run"], point_name(row["job"]))
+        folders.setdefault(row["key"], []).append(row["job"].name)
+    twice = {key: names for key, names in folders.items() if len(names) > 1}
+    if twice:  # counted twice, a run would pass for two seeds and narrow every interval
+        listing = "; ".join(f"{key}: {', '.join(names)}" for key, names in twice.items())
+        raise ConfigError(f"{sweep}: the same run in more than one folder ({listing}); "
+                          f"keep one of each")
     expected = expected_runs(config)
     order = {name: i for i, name in enumerate(expected)}  # the declared order, then the rest
     rows.sort(key=lambda row: order.get(row["key"], len(order)))
@@ -209,7 +216,8 @@ def log_to_wandb(config: dict, sweep: Path, header: list[str], body: list[list],
     from posae.training.loggers import WandbLogger
 
     cfg = OmegaConf.create({k: v for k, v in config.items() if k != "hydra"})
-    logger = WandbLogger(cfg, sweep, name=f"report {sweep.name}", group=sweep.name, run_id=None)
+    group = f"{sweep.parent.name}/{sweep.name}"  # as posae.training.run names the runs' group
+    logger = WandbLogger(cfg, sweep, name=f"report {group}", group=group, run_id=None)
     # a W&B column holds one type: the papers' figures (numbers or text) go as text
     claims = [name.endswith("(paper)") for name in header]
     logger.table("report", header, [[cell(v) if claim else v for v, claim in zip(row, claims)]

@@ -39,7 +39,13 @@ from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
 from posae.training.checkpoint import load_checkpoint
 from posae.training.loggers import make_logger
-from posae.training.run import finished, run_config, run_name_and_group, shared_run_dir
+from posae.training.run import (
+    check_finished_run,
+    finished,
+    run_config,
+    run_name_and_group,
+    shared_run_dir,
+)
 from posae.training.schedule import unfinished_schedules
 from posae.training.trainer import Trainer, TrainingInterrupted
 
@@ -105,6 +111,9 @@ def main(cfg: DictConfig) -> None:
     accelerator = make_accelerator(cfg.trainer)
     run_dir = shared_run_dir(accelerator)
     if cfg.resume == "auto" and finished(run_dir):
+        if added_or_removed := check_finished_run(cfg, run_dir):
+            log.warning("%s: keys the saved config of this finished run lacks or has beyond "
+                        "today's: %s", run_dir, ", ".join(added_or_removed))
         log.info("%s already holds a finished run (resume=auto): skipped", run_dir)
         return
     cfg, checkpoint = run_config(cfg, run_dir, accelerator.is_main_process)

@@ -18,11 +18,13 @@ def load(name: str):
 
 def test_a_range_latent_fires_inside_a_run_of_positions_and_a_position_blind_one_does_not():
     ranges = load("position_ranges")
-    rate = np.zeros((16, 4))
+    rate = np.zeros((16, 5))
     rate[3:9, 0] = 0.95         # a range latent: positions 3-8
-    rate[:, 1] = 0.9            # position-blind, just as frequent: not a range
+    rate[:, 1] = 0.9            # fires at every position: no range
     rate[3:6, 2] = 0.95         # too short a range (3 < MIN_LENGTH)
     rate[3:9, 3] = 0.95
     rate[12:, 3] = 0.6          # fires outside its range as well
+    rate[:14, 4] = 0.9          # nearly everywhere, and the rest above OUTSIDE
+    rate[14:, 4] = 0.3
     assert ranges.range_latents(rate) == [(0, 3, 6)]
     assert ranges.longest_run(np.array([1, 0, 1, 1, 1, 0, 1], dtype=bool)) == (2, 3)

@@ -393,20 +393,28 @@ def test_pa_sae_records_per_token_gradients_and_scales_the_backward_by_its_rates
     torch.testing.assert_close(sae_grad_pos2, reference.W_enc.grad)
 
 
-def test_fixed_mask_control_matches_the_soft_mask_at_initialisation_and_never_moves():
+def test_fixed_mask_control_starts_as_the_soft_mask_and_never_moves(tmp_path):
+    from posae.sae import load_sae, save_sae
+
     soft, fixed = pa_sae(mask="soft"), pa_sae(mask="fixed")
     fixed.load_state_dict(soft.state_dict())
     x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
     torch.testing.assert_close(fixed(x, pos).f, soft(x, pos).f)
-    assert "mask_logits" not in dict(fixed.named_parameters())  # no optimiser moves it
-    assert fixed.mechanism_state()["mask_mean"] == pytest.approx(torch.sigmoid(
-        torch.tensor(2.0)).item())
+    for sae in (soft, fixed):
+        optimiser = torch.optim.Adam(sae.parameters(), lr=0.1)
+        sae(x, pos).x_hat.pow(2).sum().backward()
+        optimiser.step()
+    assert soft.mechanism_state()["mask_mean"] != pytest.approx(0.8808, abs=1e-3)
+    assert fixed.mechanism_state()["mask_mean"] == pytest.approx(0.8808, abs=1e-4)
+    save_sae(fixed, tmp_path)  # the frozen logits travel with the weights
+    torch.testing.assert_close(load_sae(tmp_path).mask_logits, fixed.mask_logits)
 
 
-def test_importance_weights_feed_back_and_the_bound_caps_them():
+def test_importance_weights_feed_back_and_the_bound_limits_what_the_loss_sees():
     """The importance L1's own gradient (λ·L·w) enters g (eq. 6): a position whose weight
     is large records a large gradient, so its weight grows until the latent's whole L1 sits
-    there; `importance_bound` keeps L·w within [1/b, b]."""
+    there; `importance_bound` keeps the weights the loss uses within [1/b, b], while the
+    softmax underneath still collapses (counted on the unclipped weights)."""
     def run(bound):
         sae = pa_sae(mask="none", adaptive_rates=False, importance_bound=bound).train()
         sae.set_token_gradient_scale(12.0)
@@ -423,9 +431,11 @@ def test_importance_weights_feed_back_and_the_bound_caps_them():
     free, bounded = run(None), run(2.0)
     assert free["importance_weight_max"] == pytest.approx(6.0, rel=1e-3)  # L = 6: collapsed
     assert free["importance_collapsed_latents"] > 0
+    assert free["importance_weight_clipped_fraction"] == 0
     assert bounded["importance_weight_max"] == pytest.approx(2.0)
     assert bounded["importance_weight_min"] == pytest.approx(0.5)
-    assert bounded["importance_collapsed_latents"] == 0
+    assert bounded["importance_collapsed_latents"] > 0  # the loop still runs underneath
+    assert bounded["importance_weight_clipped_fraction"] > 0
 
 
 def lagged_plant(controller, steps: int, delay: int = 20, response: float = 0.1

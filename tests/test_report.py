@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 
 import pytest
 import yaml
@@ -60,6 +61,15 @@ def test_every_declared_run_has_a_file_and_at_most_ten_runs():
         used[group + "_files"] = files
     for group in {g for _, g in EXPERIMENTS.values()}:
         assert used[group] == used[group + "_files"], group  # no file that no sweep runs
+
+
+@pytest.mark.parametrize("experiment", [*MATCHED, "synthetic_matched"])
+def test_each_matched_run_has_a_folder_named_after_its_run_and_point(experiment):
+    folder, group = {**MATCHED, **SYNTHETIC}[experiment]
+    config = yaml.safe_load((REPO / "experiments" / folder / "experiment" / f"{experiment}.yaml")
+                            .read_text())
+    assert config["hydra"]["sweep"]["subdir"] == (
+        f"${{hydra.runtime.choices.{group}}}@${{hydra.runtime.choices.matched_point}}")
 
 
 @pytest.mark.parametrize("experiment", [*MATCHED, "synthetic_matched"])
@@ -154,6 +164,11 @@ def test_report_of_a_partly_finished_sweep_names_the_missing_runs_and_logs_to_wa
     refused = run_module("posae.report", str(sweep), env={"WANDB_MODE": "offline"})
     assert refused.returncode != 0
     assert "different metric definitions (version 1: 1; version 2: 0, 2, 4)" in refused.output
+    (sweep / "1" / "metrics.json").write_text(json.dumps({**old, "metric_version": 2}))
+    shutil.copytree(sweep / "1", sweep / "copy_of_1")  # e.g. a relaunch into new folder names
+    twice = run_module("posae.report", str(sweep), env={"WANDB_MODE": "offline"})
+    assert twice.returncode != 0
+    assert "the same run in more than one folder (tc_sae: 1, copy_of_1)" in twice.output
 
 
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
@@ -308,6 +323,12 @@ def test_a_relaunched_sweep_skips_finished_jobs_redoes_the_rest_and_takes_new_ru
     assert (off / "train_summary.json").exists()
     added = yaml.safe_load((sweep / "topk@l0_32_seed0" / "run_config.yaml").read_text())
     assert added["variant"]["name"] == "topk"
+    # an override that changes the run would land in the same folder: refused, not skipped
+    changed = run_module(*command, "+pa_sae_run=t1_0_baseline", "optim.lr=0.001",
+                         "resume=auto", timeout=900)
+    assert changed.returncode != 0
+    assert "holds a finished run of another config (optim.lr: 0.002 then, 0.001 now)" in \
+        changed.output
 
 
 def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeypatch):

@@ -44,9 +44,11 @@ def range_latents(rate: np.ndarray) -> list[tuple[int, int, int]]:
     found = []
     for latent in range(rate.shape[1]):
         start, length = longest_run(rate[:, latent] >= EDGE)
+        if not MIN_LENGTH <= length < len(rate):  # too short, or every position: no range
+            continue
         inside = rate[start:start + length, latent]
         outside = np.delete(rate[:, latent], np.s_[start:start + length])
-        if length >= MIN_LENGTH and inside.mean() >= INSIDE and outside.mean() <= OUTSIDE:
+        if inside.mean() >= INSIDE and outside.mean() <= OUTSIDE:
             found.append((latent, start, length))
     return found
 

@@ -29,8 +29,10 @@ the `importance_l1` term as L·w, so uniform weights give the plain L1.
 g includes the gradient of the importance-weighted L1 itself (λ·L·w_{l,i} wherever the code
 is active), so a (position, latent) whose weight rises records a larger gradient, which
 raises its weight: on MiniLM at L0 ≤ 32 some latents put their whole L1 on one position
-(L·w = L there, 0 elsewhere; `mech/importance_collapsed_latents` counts them). The bound b,
-off by default, caps that loop like eq. 4's bounds cap the rates.
+(L·w = L there, 0 elsewhere; `mech/importance_collapsed_latents` counts them, on the
+unclipped weights). The bound b, off by default, limits how far the weights the loss sees
+can go, as eq. 4's bounds limit the rates; the loop underneath still runs, and clipped
+weights no longer sum to L (`mech/importance_weight_clipped_fraction`).
 """
 
 from __future__ import annotations
@@ -126,10 +128,14 @@ class PASAE(SAE):
         weights = per_position(self.position_weights(), pos)
         return SAEOutput(self.decode(f), f, pre, {"position_weights": weights})
 
+    def unclipped_position_weights(self) -> Tensor:
+        """L·w of eq. 6 (L × k): L times the softmax over positions of the EMA."""
+        return self.cfg.context_size * torch.softmax(self.importance_ema, 0)
+
     def position_weights(self) -> Tensor:
-        """L·w of eq. 6 (L × k), clipped to [1/b, b] when `importance_bound` b is set."""
-        weights = self.cfg.context_size * torch.softmax(self.importance_ema, 0)
+        """L·w as the loss uses it: clipped to [1/b, b] when `importance_bound` b is set."""
         bound = self.cfg.importance_bound
+        weights = self.unclipped_position_weights()
         return weights if bound is None else weights.clamp(1 / bound, bound)
 
     @torch.no_grad()
@@ -176,11 +182,13 @@ class PASAE(SAE):
         if self.cfg.adaptive_rates:
             state.update(rate_min=self.rates.min().item(), rate_mean=self.rates.mean().item(),
                          rate_max=self.rates.max().item())
-        weights = self.position_weights()
+        unclipped, weights = self.unclipped_position_weights(), self.position_weights()
         # a collapsed latent: more than half of its L1 weight (L in all) on one position
-        collapsed = weights.max(0).values > self.cfg.context_size / 2
+        collapsed = unclipped.max(0).values > self.cfg.context_size / 2
         state.update(importance_weight_min=weights.min().item(),
                      importance_weight_max=weights.max().item(),
                      importance_weight_std=weights.std().item(),
-                     importance_collapsed_latents=float(collapsed.sum().item()))
+                     importance_collapsed_latents=float(collapsed.sum().item()),
+                     importance_weight_clipped_fraction=(weights != unclipped).float()
+                     .mean().item())
         return state

@@ -31,8 +31,9 @@ def run_name_and_group(run_dir: Path) -> tuple[str, str | None]:
     """W&B name and group: multirun jobs are grouped by their sweep."""
     hydra = HydraConfig.get()
     if hydra.mode == RunMode.MULTIRUN:
-        sweep = Path(hydra.sweep.dir).name
-        return f"{sweep}/{run_dir.name}", sweep
+        sweep = Path(hydra.sweep.dir)
+        group = f"{sweep.parent.name}/{sweep.name}"  # e.g. tc_sae_matched/embedded
+        return f"{group}/{run_dir.name}", group
     return run_dir.name, None
 
 
@@ -41,6 +42,35 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").exists() or (
         (run_dir / "train_summary.json").exists() and (run_dir / RUN_CONFIG).exists()
         and not OmegaConf.load(run_dir / RUN_CONFIG).eval.enabled)
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: leaf value} of a config tree."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_finished_run(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """A finished run that `resume=auto` skips must be the run now asked for: refuse one
+    whose saved config has a different value for a key (the experiment or a run file was
+    edited since). Keys only one side has (the code gained or lost an option since) are
+    returned for a warning. `resume` and the report's `paper` block are not compared."""
+    saved = flat_config(OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG)))
+    current = flat_config(OmegaConf.to_container(cfg, resolve=True))
+    compared = {k for k in saved.keys() | current.keys()
+                if k != "resume" and not k.startswith("paper.")}
+    changed = sorted(k for k in compared & saved.keys() & current.keys()
+                     if saved[k] != current[k])
+    if changed:
+        listing = ", ".join(f"{k}: {saved[k]!r} then, {current[k]!r} now" for k in changed)
+        raise ConfigError(f"{run_dir} holds a finished run of another config ({listing}); "
+                          f"remove that folder to rerun it, or choose another hydra.sweep.dir")
+    return sorted(compared - (saved.keys() & current.keys()))
 
 
 def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfig, Path | None]:
