@@ -112,31 +112,38 @@ def effect(values: list[float], baseline: list[float]) -> dict | None:
             "no_spread": no_spread}
 
 
-def comparators(methods: list[str], compare: dict | None) -> dict[str, str]:
-    """{method: the method it is compared with}: the sweep's first declared method unless
-    the experiment's `paper.compare` names another; both names must be declared."""
-    compare = dict(compare or {})
+def comparators(methods: list[str], compare: dict | None,
+                declared: list[str] | None = None) -> dict[str, str]:
+    """{method: the method it is compared with}: the sweep's first method unless the
+    experiment's `paper.compare` names another. Both names of an entry must be among
+    `declared`, the experiment's own list of runs (this sweep's `methods` by default); an
+    entry for a method this sweep does not run (a subset given on the command line) is
+    left out."""
+    compare, declared = dict(compare or {}), declared or methods
     for method, other in compare.items():
         for name in (method, other):
-            if name not in methods:
+            if name not in declared:
                 raise ValueError(f"paper.compare: {method}: {other} names {name}, which is not "
-                                 f"among the sweep's methods {methods}")
+                                 f"among the experiment's runs {declared}")
     return {method: compare.get(method, methods[0]) for method in methods[1:]}
 
 
-def effects(groups: dict, methods: list[str], compare: dict | None, common: int) -> dict:
+def effects(groups: dict, methods: list[str], compare: dict | None, common: int,
+            declared: list[str] | None = None) -> dict:
     """{method: {"against": comparator, metric label: effect or None}} at the common L0;
     "missing" says why there is nothing to compare yet."""
     found = {}
-    for method, other in comparators(methods, compare).items():
+    for method, other in comparators(methods, compare, declared).items():
         values, base = groups.get((method, common)), groups.get((other, common))
-        if not values or not base:
+        if other not in methods:
+            found[method] = {"against": other, "missing": f"{other} is not in this sweep"}
+        elif not values or not base:
             found[method] = {"against": other, "missing": f"no finished run of "
                              f"{method if not values else other} at L0 {common} yet"}
-            continue
-        found[method] = {"against": other, **{
-            label: effect(values.get(label, []), base.get(label, []))
-            for label, _ in METRICS if label != "L0" and values.get(label)}}
+        else:
+            found[method] = {"against": other, **{
+                label: effect(values.get(label, []), base.get(label, []))
+                for label, _ in METRICS if label != "L0" and values.get(label)}}
     return found
 
 

@@ -91,11 +91,11 @@ def sweep_config(sweep: Path) -> dict:
     return yaml.safe_load((sweep / "multirun.yaml").read_text())
 
 
-def expected_runs(config: dict) -> list[str]:
+def expected_runs(config: dict, declared: bool = False) -> list[str]:
     """The run names the sweep asked for, in order: a `+<paper>_run=a,b` override on the
-    command line, else the experiment's sweeper parameter."""
+    command line, else the experiment's sweeper parameter (`declared`: that one only)."""
     given = dict(o.split("=", 1) for o in config["hydra"]["overrides"]["task"] if "=" in o)
-    params = {**(config["hydra"]["sweeper"]["params"] or {}), **given}
+    params = {**(config["hydra"]["sweeper"]["params"] or {}), **({} if declared else given)}
 
     def values(suffix):
         return [v.strip() for k, vs in params.items() if k.lstrip("+").endswith(suffix)
@@ -241,11 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing)
     groups, non_finite = matched.aggregate(rows, first_metric)
     # the declared order (the first is the baseline), whether or not a method has finished
-    methods = list(dict.fromkeys(key.split(" @ ")[0] for key in expected_runs(config)))
+    methods, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in
+                                            expected_runs(config, only)))
+                         for only in (False, True))
     if groups:
         common = int(paper.get("common_l0", matched.COMMON_L0))
         try:
-            found = matched.effects(groups, methods, paper.get("compare"), common)
+            found = matched.effects(groups, methods, paper.get("compare"), common, declared)
         except ValueError as err:
             sys.exit(f"posae.report: {err}")
         missed = matched.l0_misses(rows)

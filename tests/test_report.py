@@ -193,6 +193,11 @@ def test_effects_are_welch_intervals_against_the_named_comparator():
         matched.comparators(methods, {"topk_window": "gated"})
     with pytest.raises(ValueError, match="typo: topk names typo"):
         matched.comparators(methods, {"typo": "topk"})
+    # a sweep of a subset of the experiment's runs leaves the other entries out
+    assert matched.comparators(["relu", "window"], {"topk_window": "topk"}, methods) == {
+        "window": "relu"}
+    subset = matched.effects({}, ["relu", "topk_window"], {"topk_window": "topk"}, 32, methods)
+    assert subset["topk_window"] == {"against": "topk", "missing": "topk is not in this sweep"}
     groups = {("relu", 32): {"EV": [0.5, 0.51]}, ("topk", 32): {"EV": [0.8, 0.81]}}
     found = matched.effects(groups, methods, {"topk_window": "topk"}, 32)
     assert found["topk"]["EV"]["verdict"] == "higher"
