@@ -28,3 +28,14 @@ def test_a_range_latent_fires_inside_a_run_of_positions_and_a_position_blind_one
     rate[14:, 4] = 0.3
     assert ranges.range_latents(rate) == [(0, 3, 6)]
     assert ranges.longest_run(np.array([1, 0, 1, 1, 1, 0, 1], dtype=bool)) == (2, 3)
+
+
+def test_a_latent_with_most_of_its_importance_weight_on_one_position_counts_as_collapsed():
+    import torch
+
+    collapse = load("importance_collapse")
+    ema = torch.zeros(8, 3)     # uniform: L·w = 1 everywhere
+    ema[2, 1] = 20.0            # latent 1: nearly all of its weight on position 2
+    ema[5, 2] = 1.0             # latent 2: heavier at position 5, far from half
+    count, largest = collapse.collapsed_latents(ema)
+    assert count == 1 and largest > 7.99
