@@ -18,12 +18,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from posae.sae.pa_sae import collapsed_latents as collapsed
+from posae.sae.pa_sae import importance_weights
+
 
 def collapsed_latents(importance_ema: torch.Tensor) -> tuple[int, float]:
     """(latents with more than half their weight on one position, the largest L·w), from
     the EMA of eq. 6, [positions, latents]."""
-    weights = len(importance_ema) * torch.softmax(importance_ema.float(), 0)
-    return int((weights.max(0).values > len(importance_ema) / 2).sum()), weights.max().item()
+    weights = importance_weights(importance_ema)
+    return int(collapsed(weights).sum()), weights.max().item()
 
 
 def main(run_dirs: list[Path]) -> None:

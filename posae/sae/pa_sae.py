@@ -50,6 +50,16 @@ from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
 INITIAL_MASK_LOGIT = {"soft": 2.0, "fixed": 2.0, "hard": 0.05, "none": 0.0}
 
 
+def importance_weights(importance_ema: Tensor) -> Tensor:
+    """L·w of eq. 6 (L × k): L times the softmax over positions of the EMA."""
+    return len(importance_ema) * torch.softmax(importance_ema.float(), 0)
+
+
+def collapsed_latents(weights: Tensor) -> Tensor:
+    """Latents with more than half of their weight L·w (L in all) on one position."""
+    return weights.max(0).values > len(weights) / 2
+
+
 @dataclass
 class PASAEConfig(PositionalConfig):
     # soft | hard | none | fixed (soft's sigmoid(M) with M frozen: a control, not 000's)
@@ -128,14 +138,10 @@ class PASAE(SAE):
         weights = per_position(self.position_weights(), pos)
         return SAEOutput(self.decode(f), f, pre, {"position_weights": weights})
 
-    def unclipped_position_weights(self) -> Tensor:
-        """L·w of eq. 6 (L × k): L times the softmax over positions of the EMA."""
-        return self.cfg.context_size * torch.softmax(self.importance_ema, 0)
-
     def position_weights(self) -> Tensor:
         """L·w as the loss uses it: clipped to [1/b, b] when `importance_bound` b is set."""
         bound = self.cfg.importance_bound
-        weights = self.unclipped_position_weights()
+        weights = importance_weights(self.importance_ema)
         return weights if bound is None else weights.clamp(1 / bound, bound)
 
     @torch.no_grad()
@@ -182,9 +188,8 @@ class PASAE(SAE):
         if self.cfg.adaptive_rates:
             state.update(rate_min=self.rates.min().item(), rate_mean=self.rates.mean().item(),
                          rate_max=self.rates.max().item())
-        unclipped, weights = self.unclipped_position_weights(), self.position_weights()
-        # a collapsed latent: more than half of its L1 weight (L in all) on one position
-        collapsed = unclipped.max(0).values > self.cfg.context_size / 2
+        unclipped, weights = importance_weights(self.importance_ema), self.position_weights()
+        collapsed = collapsed_latents(unclipped)
         state.update(importance_weight_min=weights.min().item(),
                      importance_weight_max=weights.max().item(),
                      importance_weight_std=weights.std().item(),
