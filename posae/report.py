@@ -114,6 +114,25 @@ def run_metrics(job: Path) -> dict:
     return metrics
 
 
+def provenance_line(rows: list[dict]) -> str:
+    """Which commits and hardware the runs trained on (train_summary.json's `provenance`),
+    with how many runs each; runs from before it was recorded are counted apart."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        summary = row["job"] / "train_summary.json"
+        found = (json.loads(summary.read_text()).get("provenance")
+                 if summary.exists() else None)
+        if found is None:
+            key = "not recorded"
+        else:
+            commit = (found["commit"] or "no git checkout")[:7]
+            key = (f"`{commit}`{' with local changes' if found['dirty'] else ''} on "
+                   f"{found['device']} ({found['cpu']}, {found['cpu_count']} cores), "
+                   f"torch {found['torch']}")
+        seen[key] = seen.get(key, 0) + 1
+    return "; ".join(f"{key}: {n} run{'s' * (n != 1)}" for key, n in seen.items())
+
+
 def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
     """Rows of finished runs (label + metrics) and the names of runs without metrics.
     Refuses runs evaluated under different metric definitions (`metric_version`)."""
@@ -186,9 +205,11 @@ def markdown_table(header: list[str], body: list[list]) -> list[str]:
             *("| " + " | ".join(cell(v) for v in row) + " |" for row in body)]
 
 
-def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, missing: list[str]) -> str:
+def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, missing: list[str],
+             provenance: str) -> str:
     lines = [f"# {paper.get('title', 'Sweep')}", "", f"Sweep: `{sweep}`. Missing runs "
-             f"(no metrics.json yet): {', '.join(missing) or 'none'}.", ""]
+             f"(no metrics.json yet): {', '.join(missing) or 'none'}.", "",
+             f"Trained at: {provenance}.", ""]
     if paper.get("metrics"):
         lines += ["## The paper's metrics: ours, and the paper's figure beside each"
                   if paper.get("claims") else "## The experiment's metrics", "",
@@ -238,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"posae.report: {err}")
     paper_header, paper_body = paper_table(rows, paper)
     labels, paths, standard_body = standard_table(rows)
-    text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing)
+    text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing,
+                    provenance_line(rows))
     groups, non_finite = matched.aggregate(rows, first_metric)
     # the declared order (the first is the baseline), whether or not a method has finished
     methods, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in

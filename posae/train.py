@@ -35,6 +35,7 @@ from posae.data.cache_writer import build_cache
 from posae.eval.held_out import held_out_pass
 from posae.eval.run import evaluate_run
 from posae.losses import LossTerm, build_loss_terms, check_contracts, match_l0
+from posae.provenance import provenance
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
 from posae.training.checkpoint import load_checkpoint
@@ -160,7 +161,8 @@ def main(cfg: DictConfig) -> None:
         summary = {"held_out": metrics, "final_train_stats": trainer.last_stats,
                    "mechanisms": mechanisms,
                    "steps": trainer.step, "tokens": trainer.step * tcfg.batch_tokens,
-                   "train_seconds": seconds, "wandb_run_id": logger.run_id}
+                   "train_seconds": seconds, "wandb_run_id": logger.run_id,
+                   "provenance": provenance(accelerator.device)}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
                  metrics["explained_variance"], metrics["l0"], metrics["mse"],

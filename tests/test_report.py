@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, run_module
 
+from posae.provenance import git_commit
 from posae.report import metric
 
 TINY = ["context_size=32", "n_tokens=6400", "cache.shard_sequences=64", "cache.device=cpu",
@@ -263,6 +264,9 @@ def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, c
     assert report.returncode == 0, report.output
     assert "6 runs reported, 0 missing" in report.output
     text = (sweep / "report.md").read_text()
+    commit = git_commit()["commit"][:7]  # where every run trained, named once with its count
+    assert re.search(rf"Trained at: `{commit}`[^;]* on cpu \(.*\), torch [^:]*: 6 runs\.",
+                     text), text[:600]
     matched = text[text.index("## At matched L0 = 32"):text.index("## Effects")]
     baseline = next(line for line in matched.splitlines() if line.startswith("| t1_0_baseline"))
     topk = next(line for line in matched.splitlines() if line.startswith("| topk"))

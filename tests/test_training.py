@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from posae.data.cache_reader import ActivationCache
 from posae.eval.held_out import held_out_pass
+from posae.provenance import git_commit
 from posae.sae import load_sae
 from posae.training.batches import BatchLoader, held_out_split, whole_sequences
 
@@ -55,6 +56,7 @@ def test_every_variant_trains_twenty_steps_as_one_multirun(tmp_path, cache_root)
         run_dir = tmp_path / str(job)
         summary = json.loads((run_dir / "train_summary.json").read_text())
         assert summary["steps"] == 20, name
+        assert summary["provenance"]["commit"] == git_commit()["commit"], name
         assert all(math.isfinite(v) for v in summary["final_train_stats"].values()), name
         held_out = summary["held_out"]
         assert math.isfinite(held_out["explained_variance"]) and held_out["l0"] > 0, name

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
 from conftest import compose_config
 
 from posae.config import ConfigError, OptimConfig, trainer_config
+from posae.provenance import git_commit, provenance
 from posae.sae import REGISTRY, build_sae
 from posae.training.batches import WindowOrder, document_links, split_by_documents
 from posae.training.dead import DeadLatents
@@ -148,3 +151,28 @@ def test_position_activity_is_the_same_for_shared_and_mixed_positions():
     for row in range(3):
         expected[pos[row]] += f[row] * mask[row, :, None]
     torch.testing.assert_close(shifted.sums, expected)
+
+
+def test_provenance_names_the_commit_and_whether_the_code_differs_from_it(tmp_path):
+    assert git_commit(tmp_path) == {"commit": None, "dirty": None}  # not a checkout
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c",
+                        "user.email=t@t", *args], check=True, capture_output=True)
+    package, notes = tmp_path / "pkg", tmp_path / "notes.md"
+    package.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+    notes.write_text("results\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    clean = git_commit(package)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False
+    notes.write_text("edited results\n")  # not code: still clean
+    assert git_commit(package)["dirty"] is False
+    (package / "new.py").write_text("y = 2\n")  # untracked code counts
+    assert git_commit(package)["dirty"] is True
+    (package / "new.py").unlink()
+    (package / "code.py").write_text("x = 2\n")
+    assert git_commit(package) == {"commit": clean["commit"], "dirty": True}
+    assert provenance(torch.device("cpu"))["device"] == "cpu"

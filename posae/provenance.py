@@ -1,0 +1,50 @@
+"""Where a run's numbers come from: the code's git commit, the libraries and the hardware,
+saved in each run's train_summary.json and listed by posae.report beside its tables."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def git_commit(directory: Path = PACKAGE_DIR) -> dict:
+    """The commit of the checkout that holds posae, and whether the tracked files that set a
+    run's numbers (the package, conf/, the experiment yaml files) differ from it or hold
+    files git does not track yet (`dirty`); both None outside a git checkout (a wheel)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
+                              text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=all", "--", str(directory),
+                     ":(top)conf", ":(top,glob)experiments/**/*.yaml")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo on Linux, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device) -> dict:
+    """Commit, versions and hardware of the process that trains on `device`."""
+    accelerator = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else device.type)
+    return {**git_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": accelerator,
+            "cpu": cpu_name(), "cpu_count": os.cpu_count()}
