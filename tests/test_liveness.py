@@ -185,3 +185,13 @@ def test_resampling_leaves_a_full_interval_before_the_end_and_logs_its_effect():
     assert after["resample/rounds"] == 2 and after["resample/step"] == 40
     assert after["resample/latents"] == round(0.1 * 512)
     assert math.isfinite(after["resample/ev_before"]) and math.isfinite(after["resample/ev_after"])
+
+
+def test_matched_sparsity_controls_the_hierarchical_codes_before_their_routing_offset():
+    """002's routing adds g ⊙ α_t after the ReLU, so once W_O moves every positional latent
+    is non-zero on every token. The L0 that training logs and the controller steers is the
+    codes' before that offset (as the evaluation counts them): it falls below the
+    positional half's 256 latents, which the offset alone would hold it at."""
+    _, after, _, _ = train("variant=hierarchical", "+matched_point=l0_6_seed0")
+    assert after["mech/routing_norm"] > 0  # the offset is live
+    assert after["l0"] < 200 and after["coef/l1"] > 1

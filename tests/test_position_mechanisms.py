@@ -503,6 +503,19 @@ def test_integral_l1_resumes_mid_glide_exactly_and_refuses_an_old_state():
         IntegralL1().load_state_dict({"log_ratio": 0.3})
 
 
+def test_integral_l1_stops_the_run_when_l0_does_not_answer_the_penalty():
+    """An L0 that no coefficient moves (an SAE whose codes are dense by construction) winds
+    the integral up to its bound: the controller raises instead of training on."""
+    from posae.losses.controllers import IntegralL1, SparsityNotControlled
+
+    controller = IntegralL1(value=0.04, target_l0=6)
+    with pytest.raises(SparsityNotControlled, match="L0 stayed at 256 against a setpoint "
+                                                    "of 6 .*does not answer its penalty"):
+        for _ in range(2000):
+            controller.update({"l0": 256.0})
+    assert controller.steps < 500
+
+
 def test_momentum_alpha_starts_at_its_initial_value_and_follows_reconstruction():
     alpha = MomentumFromReconstruction(value=0.002, momentum=0.95)
     assert alpha(0) == 0.0

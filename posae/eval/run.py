@@ -124,7 +124,7 @@ def _codes_for_probe(inputs: RunInputs, ids: np.ndarray, max_tokens: int, batch:
     codes, raw, positions, sequences, n = [], [], [], [], 0
     for i, b in zip(range(0, len(ids), batch), inputs.held_out_batches(ids, batch)):
         out = inputs.sae(b.x, b.pos, b.mask)
-        f = out.extras.get("input_codes", out.f)
+        f = out.input_codes
         rows = torch.as_tensor(ids[i : i + batch], device=b.x.device)[:, None].expand_as(b.pos)
         codes.append(f[b.mask].cpu().numpy())
         raw.append(b.x[b.mask].cpu().numpy())

@@ -53,6 +53,10 @@ class AdaptiveL1(Coefficient):
         self.current = state["current"]
 
 
+class SparsityNotControlled(RuntimeError):
+    """The sparsity controller saturated: L0 does not respond to the penalty's coefficient."""
+
+
 class IntegralL1(Coefficient):
     """Ours, not 001's: proportional-integral control of the sparsity coefficient toward a
     target L0, in log space. After step t, with s_t its L0 and s*_t the setpoint,
@@ -67,7 +71,9 @@ class IntegralL1(Coefficient):
     step's L0 to s* over the first `ramp_fraction` of the run, s*_t = s* (s_0 / s*)^{1 - t/R}
     (a first L0 already below s* has no glide), and the proportional term answers the
     current error at once (measured on MiniLM, docs/protocol.md). The error is a log-ratio,
-    so the gains mean the same at every width and target; I is kept within ±`max_exponent`."""
+    so the gains mean the same at every width and target. I reaching ±`max_exponent` (λ a
+    factor e^20 from λ0) means L0 does not answer the penalty: the run stops with
+    `SparsityNotControlled` instead of training on with a meaningless λ."""
 
     def __init__(self, value: float = 0.04, gain: float = 0.02, proportional: float = 1.0,
                  target_l0: float = 32.0, ramp_fraction: float = 0.4,
@@ -112,6 +118,12 @@ class IntegralL1(Coefficient):
         self.log_ratio = max(-self.max_exponent,
                              min(self.max_exponent, self.log_ratio + self.gain * self.error))
         self.steps += 1
+        if abs(self.log_ratio) >= self.max_exponent:
+            raise SparsityNotControlled(
+                f"the sparsity coefficient reached {self(0):.3g} (e^{self.log_ratio:+.0f} times "
+                f"its start, {self.value:g}) while L0 stayed at {l0:.4g} against a setpoint of "
+                f"{self.setpoint():.4g} (step {self.steps}): this SAE's L0 does not answer "
+                f"its penalty, so match_l0 cannot set it")
 
     def state_dict(self) -> dict:
         return {"log_ratio": self.log_ratio, "error": self.error, "steps": self.steps,

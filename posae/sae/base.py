@@ -86,6 +86,14 @@ class SAEOutput:
     pre: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
 
+    @property
+    def input_codes(self) -> Tensor:
+        """The codes the input produces, before any input-independent offset (the
+        hierarchical SAE's g ⊙ α_t, which would make its positional half fire on every
+        token): what L0, firing and dead latents count, in training (and so the
+        matched-sparsity controller) as in evaluation."""
+        return self.extras.get("input_codes", self.f)
+
 
 class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig

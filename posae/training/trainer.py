@@ -159,9 +159,10 @@ class Trainer:
                     values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
                     loss = sum(coefs[name] * value for name, value in values.items())
                 self.accelerator.backward(loss)
-            local = local + self._local_stats(out.f.detach(), out.x_hat.detach(), batch, values)
+            codes = out.input_codes.detach()
+            local = local + self._local_stats(codes, out.x_hat.detach(), batch, values)
             if self.activity:
-                self.activity.update(out.f, batch.mask, batch.pos)
+                self.activity.update(codes, batch.mask, batch.pos)
         if self.sae.cfg.normalize_decoder:
             self.sae.remove_parallel_decoder_grad_()
         if self.cfg.grad_clip:
