@@ -25,8 +25,8 @@ BEGIN, END = "<!-- mechanisms table: python -m posae.summary -->", "<!-- end of 
 COLUMNS = [
     ("EV", ["EV"]),
     ("preservation", ["KL score", "embedding score (KL proxy)"]),
-    ("temporal stability (adjacent Jaccard − chance)", ["adjacent Jaccard, corrected"]),
-    ("position specificity (− null)", ["specificity, corrected"]),
+    ("temporal stability (adjacent Jaccard, chance-corrected)", ["adjacent Jaccard, corrected"]),
+    ("position specificity (null-corrected)", ["specificity, corrected"]),
     ("probing top-1", ["probing top-1"]),
 ]
 RECOVERY = "planted features recovered"
@@ -98,8 +98,12 @@ def table() -> list[str]:
                                                     for f, _ in runs}}
     synthetic = load("synthetic")
     for name, runs, synthetic_method in MECHANISMS:
-        recovery = (cell(synthetic, synthetic_method, [RECOVERY]) if synthetic_method
-                    else "no synthetic run")
+        recovery = "no synthetic run"
+        if synthetic_method:
+            against = ((synthetic or {}).get("effects", {}).get(synthetic_method, {})
+                       .get("against", "—"))
+            recovery = (f"{synthetic_method} ({against}): "
+                        f"{cell(synthetic, synthetic_method, [RECOVERY])}")
         for i, (folder, method) in enumerate(runs):
             result = results[folder]
             against = (result or {}).get("effects", {}).get(method, {}).get("against", "—")

@@ -350,6 +350,11 @@ def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeyp
         "effects": {"t1_2_soft_masking": {"against": "t1_0_baseline", "EV": effect},
                     "t1_1_hard_masking": {"against": "t1_0_baseline",
                                           "missing": "no finished run yet"}}}))
+    (tmp_path / "experiments" / "synthetic").mkdir()
+    recovered = {**effect, "difference": -0.5, "ci95": [-0.6, -0.4], "verdict": "lower"}
+    (tmp_path / "experiments" / "synthetic" / "matched.json").write_text(json.dumps({
+        "effects": {"topk_tc_window": {"against": "topk",
+                                       "planted features recovered": recovered}}}))
     path = tmp_path / "experiments" / "SUMMARY.md"
     path.write_text(f"# Summary\n\n{summary.BEGIN}\nold\n{summary.END}\n\nFindings stay.\n")
     summary.main()
@@ -358,7 +363,12 @@ def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeyp
     soft = next(line for line in text.splitlines() if line.startswith("| PA soft masks"))
     assert "000: t1_2_soft_masking (t1_0_baseline) | better +0.02 [+0.01, +0.03] | —" in soft
     assert "no finished run yet" in text
-    assert "| TC window (003 eq. 6) | 003: tc_sae (—) | not run yet" in text
+    window = next(line for line in text.splitlines() if line.startswith("| TC window"))
+    assert window.startswith("| TC window (003 eq. 6) | 003: tc_sae (—) | not run yet")
+    # the synthetic cell names its own method and comparator
+    assert window.endswith("| topk_tc_window (topk): worse -0.5 [-0.6, -0.4] |")
+    full_pa_sae = next(line for line in text.splitlines() if line.startswith("| PA-SAE, all"))
+    assert full_pa_sae.endswith("| pa_sae (—): not in the sweep |")
     path.write_text("no markers")
     with pytest.raises(SystemExit, match="marker lines"):
         summary.main()

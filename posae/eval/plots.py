@@ -202,13 +202,16 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
     fig, axes = plt.subplots(len(shown), 1, figsize=(7, 2.4 * len(shown)), sharex=True)
     drawn = False
     for ax, label in zip(np.atleast_1d(axes), shown):
-        for method in methods:
+        for i, method in enumerate(methods):
             points = sorted((t, g) for (m, t), g in groups.items() if m == method and g.get(label))
             if not points:
                 continue
             l0 = [summary(g["L0"])[0] for _, g in points]
             mean, sd, _ = zip(*(summary(g[label]) for _, g in points))
-            line = ax.errorbar(l0, mean, yerr=sd, marker="o", ms=3, capsize=3, label=method)
+            # ten colours, then the next line style: every method its own line
+            line = ax.errorbar(l0, mean, yerr=sd, marker="osD^"[i // 10 % 4], ms=3, capsize=3,
+                               color=f"C{i % 10}", ls=["-", "--", "-.", ":"][i // 10 % 4],
+                               label=method)
             for claimed, value in (claims or {}).get(label, []):
                 if claimed == method:
                     ax.axhline(value, ls=":", lw=1, color=line[0].get_color())
@@ -220,7 +223,7 @@ def matched_frontier(groups: dict, methods: list[str], labels: list[str], path: 
     axes[0].set_title(title + ("\ndotted: the paper's number (Gemma-2-2b, its own L0)"
                                if drawn else ""), fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
-    ticks = [2 ** i for i in range(0, 13)]  # powers of two, plain numbers, no minor labels
+    ticks = sorted({target for _, target in groups})  # the targets, plain, no minor labels
     axes[-1].set_xticks(ticks, [str(t) for t in ticks])
     axes[-1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[-1].set_xlim(min(l0 for g in groups.values() for l0 in g["L0"]) / 1.3,
