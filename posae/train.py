@@ -134,6 +134,7 @@ def main(cfg: DictConfig) -> None:
     log.info("training %s (%d latents) on %s layer %d: %d steps of %d tokens, %d processes",
              sae_cfg.name, sae_cfg.d_sae, req.model.name, layer, trainer.total_steps,
              tcfg.batch_tokens, accelerator.num_processes)
+    origin = provenance(accelerator.device)  # the code this process imported, at its start
     try:
         seconds = trainer.fit()
     except TrainingInterrupted as stop:
@@ -162,7 +163,7 @@ def main(cfg: DictConfig) -> None:
                    "mechanisms": mechanisms,
                    "steps": trainer.step, "tokens": trainer.step * tcfg.batch_tokens,
                    "train_seconds": seconds, "wandb_run_id": logger.run_id,
-                   "provenance": provenance(accelerator.device)}
+                   "provenance": origin}
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
                  metrics["explained_variance"], metrics["l0"], metrics["mse"],
