@@ -70,6 +70,14 @@ def load(folder: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def unmatched(result: dict | None) -> set[str]:
+    """Methods with a run off the target at the sweep's common L0 (matched.json)."""
+    if result is None:
+        return set()
+    return {miss["method"] for miss in result.get("not_matched", [])
+            if miss["target_l0"] == result.get("common_l0")}
+
+
 def effect_text(effect: dict | None) -> str:
     if effect is None:
         return "—"
@@ -107,13 +115,16 @@ def table() -> list[str]:
         for i, (folder, method) in enumerate(runs):
             result = results[folder]
             against = (result or {}).get("effects", {}).get(method, {}).get("against", "—")
+            mark = " †" if {method, against} & unmatched(result) else ""
             lines.append("| " + " | ".join([
-                name if i == 0 else "″", f"{folder[:3]}: {method} ({against})",
+                name if i == 0 else "″", f"{folder[:3]}: {method} ({against}){mark}",
                 *(cell(result, method, labels) for _, labels in COLUMNS),
                 recovery if i == 0 else "″"]) + " |")
     for name, why in NOT_MATCHABLE:
         lines.append("| " + " | ".join([name, why, *[""] * (len(header) - 2)]) + " |")
-    return lines
+    return lines + ["", "† a run behind the effect is not matched at the common L0 (held-out "
+                        "L0 more than 10 % from the target, or training L0 not settled); "
+                        "its paper's results.md names it."]
 
 
 def main() -> None:

@@ -349,7 +349,10 @@ def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeyp
     (tmp_path / "experiments" / "000_pa_sae" / "matched.json").write_text(json.dumps({
         "effects": {"t1_2_soft_masking": {"against": "t1_0_baseline", "EV": effect},
                     "t1_1_hard_masking": {"against": "t1_0_baseline",
-                                          "missing": "no finished run yet"}}}))
+                                          "missing": "no finished run yet"}},
+        "common_l0": 32, "not_matched": [  # marks its effects; another L0's miss does not
+            {"method": "t1_2_soft_masking", "target_l0": 32, "seed": 1, "reason": "L0 36"},
+            {"method": "t1_1_hard_masking", "target_l0": 16, "seed": 0, "reason": "L0 18"}]}))
     (tmp_path / "experiments" / "synthetic").mkdir()
     recovered = {**effect, "difference": -0.5, "ci95": [-0.6, -0.4], "verdict": "lower"}
     (tmp_path / "experiments" / "synthetic" / "matched.json").write_text(json.dumps({
@@ -361,7 +364,8 @@ def test_the_summary_table_reads_each_mechanism_from_its_sweep(tmp_path, monkeyp
     text = path.read_text()
     assert "old" not in text and text.endswith("Findings stay.\n")
     soft = next(line for line in text.splitlines() if line.startswith("| PA soft masks"))
-    assert "000: t1_2_soft_masking (t1_0_baseline) | better +0.02 [+0.01, +0.03] | —" in soft
+    assert "000: t1_2_soft_masking (t1_0_baseline) † | better +0.02 [+0.01, +0.03] | —" in soft
+    assert "t1_1_hard_masking (t1_0_baseline) |" in text  # unmatched at 16 only: no mark
     assert "no finished run yet" in text
     window = next(line for line in text.splitlines() if line.startswith("| TC window"))
     assert window.startswith("| TC window (003 eq. 6) | 003: tc_sae (—) | not run yet")
