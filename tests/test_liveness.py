@@ -64,6 +64,8 @@ CASES = [
      ["variant=pa_sae", "variant.adaptive_rates=false"], "mech/rate_max", 0.005),
     ("importance_l1 (000 eq. 5-6)", ["variant=pa_sae"], ["variant=pa_sae", "loss=[mse,l1]"],
      "mech/importance_weight_std", 0.05),
+    ("pa_sae importance bound (ours)", ["variant=pa_sae", "variant.importance_bound=1.1"],
+     ["variant=pa_sae"], "mech/importance_weight_clipped_fraction", 0.01),
     # α follows 1 - FVU, which is 0 while the tied initialisation's overshoot keeps FVU > 1
     ("atr temporal R_t with momentum alpha (001 eq. 2-3)",
      ["variant=atr", "+variant.encoder_init=kaiming_uniform", "loss.temporal.coef.value=0.05"],
