@@ -105,13 +105,16 @@ def expected_runs(config: dict, declared: bool = False) -> list[str]:
     return [job_key(run, point) for run in values("_run") for point in points]
 
 
-def run_metrics(job: Path) -> dict:
-    """metrics.json, plus the training wall time from train_summary.json as `training.seconds`."""
+def run_metrics(job: Path) -> tuple[dict, dict | None]:
+    """metrics.json, plus the training wall time from train_summary.json as
+    `training.seconds`; and the run's provenance from the same file (None before it was
+    recorded)."""
     metrics = json.loads((job / "metrics.json").read_text())
-    summary = job / "train_summary.json"
-    if summary.exists():
-        metrics["training"] = {"seconds": json.loads(summary.read_text()).get("train_seconds")}
-    return metrics
+    path = job / "train_summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    if summary:
+        metrics["training"] = {"seconds": summary.get("train_seconds")}
+    return metrics, summary.get("provenance")
 
 
 def provenance_line(rows: list[dict]) -> str:
@@ -119,9 +122,7 @@ def provenance_line(rows: list[dict]) -> str:
     with how many runs each; runs from before it was recorded are counted apart."""
     seen: dict[str, int] = {}
     for row in rows:
-        summary = row["job"] / "train_summary.json"
-        found = (json.loads(summary.read_text()).get("provenance")
-                 if summary.exists() else None)
+        found = row["provenance"]
         if found is None:
             key = "not recorded"
         else:
@@ -139,8 +140,12 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
                                  p.name))
-    rows = [{"run": run_label(job), "job": job, "metrics": run_metrics(job),
-             "point": matched_point(job)} for job in jobs if (job / "metrics.json").exists()]
+    rows = []
+    for job in jobs:
+        if (job / "metrics.json").exists():
+            metrics, provenance = run_metrics(job)
+            rows.append({"run": run_label(job), "job": job, "metrics": metrics,
+                         "provenance": provenance, "point": matched_point(job)})
     folders: dict[str, list[str]] = {}
     for row in rows:
         row["key"] = job_key(row["run"], point_name(row["job"]))
