@@ -134,9 +134,12 @@ def provenance_line(rows: list[dict]) -> str:
     return "; ".join(f"{key}: {n} run{'s' * (n != 1)}" for key, n in seen.items())
 
 
-def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
-    """Rows of finished runs (label + metrics) and the names of runs without metrics.
-    Refuses runs evaluated under different metric definitions (`metric_version`)."""
+def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str], list[str]]:
+    """Rows of finished runs (label + metrics); the names of runs the sweep's command asked
+    for without metrics; and the experiment's declared runs it did not ask for and the
+    folder does not hold (a relaunch with a narrowed run list rewrites multirun.yaml, and
+    would otherwise hide them). Refuses runs evaluated under different metric definitions
+    (`metric_version`)."""
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
                                  p.name))
@@ -168,7 +171,9 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str]]:
                           f"({listing}); re-evaluate the older ones with "
                           f"`python -m posae.evaluate run_dir=<job>` (docs/metrics.md)")
     done = {row["key"] for row in rows}
-    return rows, [name for name in expected if name not in done]
+    unrequested = [name for name in expected_runs(config, declared=True)
+                   if name not in done and name not in order]
+    return rows, [name for name in expected if name not in done], unrequested
 
 
 def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:
@@ -211,10 +216,13 @@ def markdown_table(header: list[str], body: list[list]) -> list[str]:
 
 
 def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, missing: list[str],
-             provenance: str) -> str:
+             unrequested: list[str], provenance: str) -> str:
     lines = [f"# {paper.get('title', 'Sweep')}", "", f"Sweep: `{sweep}`. Missing runs "
-             f"(no metrics.json yet): {', '.join(missing) or 'none'}.", "",
-             f"Trained at: {provenance}.", ""]
+             f"(no metrics.json yet): {', '.join(missing) or 'none'}.", ""]
+    if unrequested:
+        lines += [f"Declared by the experiment, not requested by this sweep's command and "
+                  f"not in its folder: {', '.join(unrequested)}.", ""]
+    lines += [f"Trained at: {provenance}.", ""]
     if paper.get("metrics"):
         lines += ["## The paper's metrics: ours, and the paper's figure beside each"
                   if paper.get("claims") else "## The experiment's metrics", "",
@@ -259,13 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     config = sweep_config(sweep)
     paper = config.get("paper") or {}
     try:
-        rows, missing = collect(sweep, config)
+        rows, missing, unrequested = collect(sweep, config)
     except ConfigError as err:
         sys.exit(f"posae.report: {err}")
     paper_header, paper_body = paper_table(rows, paper)
     labels, paths, standard_body = standard_table(rows)
     text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing,
-                    provenance_line(rows))
+                    unrequested, provenance_line(rows))
     groups, non_finite = matched.aggregate(rows, first_metric)
     # the declared order (the first is the baseline), whether or not a method has finished
     methods, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in
@@ -304,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     if (config.get("logger") or {}).get("name") == "wandb":
         log_to_wandb(config, sweep, csv_header, csv_body, images)
     print(f"{len(rows)} runs reported, {len(missing)} missing"
-          f"{': ' + ', '.join(missing) if missing else ''}; {sweep / 'report.md'}")
+          f"{': ' + ', '.join(missing) if missing else ''}"
+          f"{f'; {len(unrequested)} declared, not requested' if unrequested else ''}"
+          f"; {sweep / 'report.md'}")
 
 
 if __name__ == "__main__":

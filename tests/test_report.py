@@ -264,6 +264,11 @@ def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, c
     assert report.returncode == 0, report.output
     assert "6 runs reported, 0 missing" in report.output
     text = (sweep / "report.md").read_text()
+    # the narrowed command rewrote multirun.yaml; the experiment's other runs stay named
+    unrequested = re.search(r"Declared by the experiment, not requested by this sweep's "
+                            r"command and not in its folder: (.*)\.", text)
+    assert "t1_3_full @ l0_32_seed0" in unrequested.group(1).split(", ")
+    assert "topk @ l0_16_seed0" not in unrequested.group(1)
     commit = git_commit()["commit"][:7]  # where every run trained, named once with its count
     assert re.search(rf"Trained at: `{commit}`[^;]* on cpu \(.*\), torch [^:]*: 6 runs\.",
                      text), text[:600]

@@ -17,9 +17,9 @@ Per-position EV uses the per-position mean: 1 − SSE_t / Σ_t ‖x − E_t x‖
 position with fewer than MIN_POSITION_TOKENS tokens.
 
 Activity (L0, L1, firing, Jaccard, the feature × position table) is read from the codes an
-input produces: an architecture whose codes add an input-independent offset (the
-hierarchical SAE's g ⊙ α_t) hands the codes before it in `extras["input_codes"]`, and the
-offset's mean norm is reported on its own (`core.code_offset_norm`).
+input produces, `SAEOutput.input_codes` (before an input-independent offset such as the
+hierarchical SAE's g ⊙ α_t; the same rule training and its sparsity controller use), and
+the offset's mean norm is reported on its own (`core.code_offset_norm`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from posae.eval.safe import ratio
 from posae.losses.temporal import valid_pairs
-from posae.sae.base import SAE
+from posae.sae.base import SAE, SAEOutput
 from posae.training.batches import Batch
 
 DENSE_ABOVE = 0.1
@@ -60,13 +60,12 @@ class HeldOutAccumulator:
         self.offset_norm: Tensor | None = None          # Σ ‖input-independent code offset‖
 
     @torch.no_grad()
-    def add(self, batch: Batch, x_hat: Tensor, f: Tensor, extras: dict) -> None:
-        mask, pos = batch.mask, batch.pos
-        if "input_codes" in extras:
-            offset = (f - extras["input_codes"])[mask].double().norm(dim=-1).sum()
+    def add(self, batch: Batch, out: SAEOutput) -> None:
+        mask, pos, f = batch.mask, batch.pos, out.input_codes
+        if f is not out.f:
+            offset = (out.f - f)[mask].double().norm(dim=-1).sum()
             self.offset_norm = offset if self.offset_norm is None else self.offset_norm + offset
-            f = extras["input_codes"]
-        x, x_hat, f = batch.x.double(), x_hat.double(), f.double()
+        x, x_hat, f = batch.x.double(), out.x_hat.double(), f.double()
         flat_pos = pos[mask]
         xs, xh, fs = x[mask], x_hat[mask], f[mask]
         active = fs != 0
@@ -86,8 +85,8 @@ class HeldOutAccumulator:
         self.fires.index_add_(0, flat_pos, active.double())
         self.activation.index_add_(0, flat_pos, fs)
         self._add_pairs(f, mask, pos)
-        if "global_codes" in extras:  # activity of the two halves, before any offset
-            half = extras["global_codes"].shape[-1]
+        if "global_codes" in out.extras:  # activity of the two halves, before any offset
+            half = out.extras["global_codes"].shape[-1]
             self.split += torch.stack([fs[:, :half].abs().sum(), fs[:, half:].abs().sum()])
 
     def _add_pairs(self, f: Tensor, mask: Tensor, pos: Tensor) -> None:
@@ -196,6 +195,5 @@ def held_out_pass(sae: SAE, batches: Iterable[Batch], context_size: int) -> dict
     """Run the SAE over `batches` once and accumulate everything."""
     acc = HeldOutAccumulator(sae.cfg.d_in, sae.cfg.d_sae, context_size)
     for batch in batches:
-        out = sae(batch.x, batch.pos, batch.mask)
-        acc.add(batch, out.x_hat, out.f, out.extras)
+        acc.add(batch, sae(batch.x, batch.pos, batch.mask))
     return acc.results()
