@@ -255,7 +255,7 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-RESAMPLE_SELECT = ("dead", "temporal_importance")
+RESAMPLE_SELECT = ("dead", "temporal_importance", "random")
 
 
 @dataclass

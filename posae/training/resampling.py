@@ -5,6 +5,7 @@
     s_i = (1/T) Σ_t a_{t,i} · (1 + γ var_t a_{t,i}),
 with a_{t,i} its mean |activation| at position t over the steps since the last
 resampling (001's "activation history window"); the lowest `fraction` are re-initialised.
+`random` (a control for eq. 6's score): a uniformly random `fraction` of the latents.
 001 says γ "penalizes high variance" but its formula rewards it; we implement the formula
 as written (docs/variants.md).
 """

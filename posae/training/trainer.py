@@ -238,6 +238,9 @@ class Trainer:
             latents = lowest_fraction(self.activity.scores(self.cfg.resample_gamma),
                                       self.cfg.resample_fraction)
             self.activity.reset()
+        elif self.cfg.resample_select == "random":
+            latents = lowest_fraction(torch.rand(self.sae.cfg.d_sae, generator=self.generator),
+                                      self.cfg.resample_fraction).to(self.accelerator.device)
         else:
             latents = self.dead.dead.nonzero().squeeze(-1)
         if latents.numel() == 0:
