@@ -2,6 +2,7 @@
 saved in each run's train_summary.json and listed by posae.report beside its tables."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -41,10 +42,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
+def code_at_first_run() -> dict:
+    """`git_commit()` read once per process, at its first run: a Hydra multirun trains
+    every job in one process, on the code it imported then, so a commit made while the
+    sweep runs must not be credited to its later jobs."""
+    return git_commit()
+
+
 def provenance(device: torch.device) -> dict:
-    """Commit, versions and hardware of the process that trains on `device`."""
+    """Commit (as the process found it at its first run), versions and hardware of the
+    process that trains on `device`."""
     accelerator = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else device.type)
-    return {**git_commit(), "torch": torch.__version__,
+    return {**code_at_first_run(), "torch": torch.__version__,
             "python": platform.python_version(), "device": accelerator,
             "cpu": cpu_name(), "cpu_count": os.cpu_count()}

@@ -10,7 +10,7 @@ import torch
 from conftest import compose_config
 
 from posae.config import ConfigError, OptimConfig, trainer_config
-from posae.provenance import git_commit, provenance
+from posae.provenance import code_at_first_run, git_commit, provenance
 from posae.sae import REGISTRY, build_sae
 from posae.training.batches import WindowOrder, document_links, split_by_documents
 from posae.training.dead import DeadLatents
@@ -176,3 +176,7 @@ def test_provenance_names_the_commit_and_whether_the_code_differs_from_it(tmp_pa
     (package / "code.py").write_text("x = 2\n")
     assert git_commit(package) == {"commit": clean["commit"], "dirty": True}
     assert provenance(torch.device("cpu"))["device"] == "cpu"
+    # one process, one code: a multirun's later jobs keep the commit its first job found
+    first = provenance(torch.device("cpu"))
+    assert provenance(torch.device("cpu"))["commit"] == first["commit"]
+    assert code_at_first_run.cache_info().misses == 1
