@@ -358,8 +358,16 @@ def optim_config(node: Any) -> OptimConfig:
     cfg = typed(node, OptimConfig, "optim")
     _choice(cfg.name, OPTIMIZERS, "optim.name")
     _choice(cfg.schedule, LR_SCHEDULES, "optim.schedule")
-    if cfg.lr <= 0:
+    if not cfg.lr > 0:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.lr}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {cfg.betas}")
+    if not cfg.weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay: must be non-negative, got {cfg.weight_decay}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must be non-negative, got {cfg.warmup_steps}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {cfg.min_lr_ratio}")
     return cfg
 
 
@@ -367,7 +375,7 @@ def trainer_config(node: Any, context_size: int) -> TrainerConfig:
     cfg = typed(node, TrainerConfig, "trainer")
     _choice(cfg.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
     _choice(cfg.resample_select, RESAMPLE_SELECT, "trainer.resample_select")
-    window = cfg.window or context_size
+    window = context_size if cfg.window is None else cfg.window
     if not 1 <= window <= context_size:
         raise ConfigError(f"trainer.window: must be in 1..context_size={context_size}, "
                           f"got {cfg.window}")
@@ -380,4 +388,12 @@ def trainer_config(node: Any, context_size: int) -> TrainerConfig:
     for key in ("n_tokens", "micro_batches", "checkpoint_every", "keep_checkpoints", "log_every",
                 "dead_after_tokens"):
         positive_int(getattr(cfg, key), f"trainer.{key}")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:  # ≤ 0 would ascend the gradient
+        raise ConfigError(f"trainer.grad_clip: must be positive or null (no clipping), "
+                          f"got {cfg.grad_clip}")
+    if cfg.resample_every < 0 or not 0 <= cfg.resample_fraction <= 1 \
+            or not cfg.resample_gamma >= 0:
+        raise ConfigError(f"trainer.resample_every ≥ 0, resample_fraction in [0, 1] and "
+                          f"resample_gamma ≥ 0, got {cfg.resample_every}, "
+                          f"{cfg.resample_fraction}, {cfg.resample_gamma}")
     return cfg

@@ -35,10 +35,11 @@ from posae.data.cache_writer import build_cache
 from posae.eval.held_out import held_out_pass
 from posae.eval.run import evaluate_run
 from posae.losses import LossTerm, build_loss_terms, check_contracts, match_l0
+from posae.losses.controllers import SparsityNotControlled
 from posae.provenance import provenance
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
-from posae.training.checkpoint import load_checkpoint
+from posae.training.checkpoint import latest_checkpoint, load_checkpoint
 from posae.training.loggers import make_logger
 from posae.training.run import (
     check_finished_run,
@@ -48,7 +49,11 @@ from posae.training.run import (
     shared_run_dir,
 )
 from posae.training.schedule import unfinished_schedules
-from posae.training.trainer import Trainer, TrainingInterrupted
+from posae.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+
+# Exit status of a run that trained but failed (diverged, or its L0 could not be set):
+# 1 is an uncaught exception, 2 a bad config or cache (posae.cli), 128 + n a signal.
+TRAINING_FAILED = 3
 
 
 def make_accelerator(trainer_node) -> Accelerator:
@@ -141,6 +146,13 @@ def main(cfg: DictConfig) -> None:
         log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run_dir)
         logger.finish()
         sys.exit(128 + stop.signum)
+    except (TrainingDiverged, SparsityNotControlled) as failure:
+        kept = latest_checkpoint(run_dir)
+        log.error("%s: %s; no model saved; %s", type(failure).__name__, failure,
+                  f"the last checkpoint, from before, is kept: {kept}" if kept else
+                  "no checkpoint was written before it")
+        logger.finish()
+        sys.exit(TRAINING_FAILED)
 
     if accelerator.is_main_process:
         final = copy.deepcopy(trainer.sae).eval()

@@ -140,3 +140,21 @@ def test_schedules_that_end_after_the_run_are_named():
     cfg = compose_config(overrides=["variant=masked_progressive", "loss.l1.warmup_steps=900"])
     keys = {w.split(" = ")[0] for w in unfinished_schedules(cfg, 489)}
     assert keys == {"variant.schedule_steps", "loss.l1.warmup_steps"}
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.grad_clip=-1", "trainer.grad_clip"),  # would ascend the gradient
+    ("trainer.grad_clip=0", "trainer.grad_clip"),
+    ("trainer.window=0", "trainer.window"),         # once read as "whole sequences"
+    ("trainer.resample_fraction=1.5", "trainer.resample_every"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps"),
+    ("loss.l1.coef=-0.1", "loss.l1"),                # a negative penalty rewards density
+    ("loss.l1.warmup_steps=-5", "loss.l1"),
+])
+def test_settings_that_would_train_backwards_are_refused_when_the_config_is_read(override, key):
+    from posae.train import plan_training
+
+    with pytest.raises(ConfigError, match=rf"^{key}"):
+        plan_training(compose_config(overrides=["variant=relu", override]))

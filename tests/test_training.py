@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from posae.eval.held_out import held_out_pass
 from posae.provenance import git_commit
 from posae.sae import load_sae
 from posae.training.batches import BatchLoader, held_out_split, whole_sequences
+from posae.training.checkpoint import load_checkpoint
 
 VARIANTS = sorted(p.stem for p in (CONF / "variant").glob("*.yaml"))
 # 200 sequences of 32 tokens; 20 steps of 512 tokens (16 windows).
@@ -107,6 +109,25 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cache_root, kill)
     a = load_file(whole / "sae" / "sae_weights.safetensors")
     b = load_file(killed / "sae" / "sae_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e6"])  # non-finite loss; finite, FVU ~1e20
+def test_a_diverging_run_stops_before_saving_it_and_exits_non_zero(tmp_path, cache_root, lr):
+    """Warmup reaches the divergent lr after a few finite steps, each checkpointed; the
+    run stops at the first bad step, saves no model, and keeps only finite checkpoints."""
+    run_dir = tmp_path / "run"
+    result = run_module("posae.train", *TINY, f"optim.lr={lr}", "trainer.checkpoint_every=1",
+                        "trainer.keep_checkpoints=2", f"cache.root={cache_root}",
+                        f"hydra.run.dir={run_dir}")
+    assert result.returncode == 3, result.output[-3000:]
+    assert re.search(r"TrainingDiverged: training diverged at step \d+: loss", result.output)
+    assert "the last checkpoint, from before, is kept" in result.output
+    assert not (run_dir / "sae").exists() and not (run_dir / "train_summary.json").exists()
+    kept = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert kept, "the finite steps before the divergence were checkpointed"
+    for checkpoint in kept:
+        state = load_checkpoint(checkpoint, torch.device("cpu"))
+        assert all(torch.isfinite(v).all() for v in state["sae"].values()), checkpoint
 
 
 @pytest.mark.slow

@@ -77,8 +77,14 @@ class LinearWarmup(Coefficient):
 
 
 def make_coefficient(coef: float | Coefficient, warmup_steps: int = 0) -> Coefficient:
+    """A fixed coefficient, ramped in over `warmup_steps`; a negative one would reward the
+    term (gradient ascent on it) and is refused, as is a negative warmup."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be non-negative, got {warmup_steps}")
     if isinstance(coef, Coefficient):
         return coef
+    if not coef >= 0:
+        raise ValueError(f"coef must be non-negative, got {coef}")
     return LinearWarmup(coef, warmup_steps) if warmup_steps > 0 else Constant(coef)
 
 

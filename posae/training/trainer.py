@@ -40,6 +40,19 @@ from posae.training.resampling import PositionActivity, lowest_fraction, resampl
 from posae.training.schedule import lr_multiplier
 from posae.training.step_log import StepLog
 
+# Training FVU above this is divergence, not a bad start: a tied initialisation's overshoot
+# gives FVU ~10-10^3 (its ‖x̂‖/‖x‖ grows with width/d), a diverged run 10^20 and more.
+DIVERGED_FVU = 1e6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the reconstruction or a parameter left the finite range; raised before any
+    checkpoint of that state is written, so the last checkpoint on disk is a finite one."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"training diverged at step {step}: {what}")
+        self.step = step
+
 
 class TrainingInterrupted(Exception):
     def __init__(self, signum: int):
@@ -129,10 +142,23 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         self.generator.set_state(state["rng"]["generator"].cpu())
 
+    def check_finite(self, stats: dict[str, float] | None = None) -> None:
+        """Raise `TrainingDiverged` if the step's loss or FVU (`stats`) or, without them, a
+        parameter is non-finite or the FVU exceeds DIVERGED_FVU."""
+        if stats is not None:
+            loss, fvu = stats["loss/total"], stats["fvu"]
+            if not (math.isfinite(loss) and fvu < DIVERGED_FVU):  # NaN fails the comparison
+                raise TrainingDiverged(self.step, f"loss {loss:.4g}, training FVU {fvu:.4g}")
+            return
+        for name, param in self.sae.named_parameters():
+            if not torch.isfinite(param).all():
+                raise TrainingDiverged(self.step, f"parameter {name} holds non-finite values")
+
     def save_checkpoint(self) -> None:
         # apply state an SAE keeps pending for its next step (PA-SAE's recorded gradients,
         # all-reduced: every process takes part), so a checkpoint holds no per-process state
         self.sae.before_step(self.step)
+        self.check_finite()
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -271,6 +297,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 stats = self.last_stats = self.train_step()
+                self.check_finite(stats)
                 bar.update(tokens_per_step)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     stats.update(self.mechanism_stats())
@@ -285,6 +312,7 @@ class Trainer:
                 if stop.item():
                     raise TrainingInterrupted(self.stop_signal or signal.SIGTERM)
             self.sae.before_step(self.step)  # apply pending state before the SAE is saved
+            self.check_finite()
             self.last_stats.update(self.mechanism_stats())
             self.last_stats.setdefault("dead_fraction", self.dead.dead.float().mean().item())
         finally:
