@@ -8,6 +8,7 @@ import sys
 
 from posae.config import ConfigError
 from posae.data.cache_format import CacheError
+from posae.training.checkpoint import CheckpointCorrupt
 
 log = logging.getLogger("posae")
 
@@ -15,13 +16,14 @@ CONFIG_PATH = "../conf"
 
 
 def exit_on_user_error(main):
-    """Report a bad config or cache as one clear line and exit 2, without a traceback."""
+    """Report a bad config, cache or checkpoint as one clear line and exit 2, without a
+    traceback."""
 
     @functools.wraps(main)
     def wrapper(cfg):
         try:
             return main(cfg)
-        except (ConfigError, CacheError) as err:
+        except (ConfigError, CacheError, CheckpointCorrupt) as err:
             log.error("%s: %s", type(err).__name__, err)
             sys.exit(2)
 

@@ -39,7 +39,7 @@ from posae.losses.controllers import SparsityNotControlled
 from posae.provenance import provenance
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
 from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
-from posae.training.checkpoint import latest_checkpoint, load_checkpoint
+from posae.training.checkpoint import latest_checkpoint, resume_state
 from posae.training.loggers import make_logger
 from posae.training.run import (
     check_finished_run,
@@ -124,18 +124,18 @@ def main(cfg: DictConfig) -> None:
         return
     cfg, checkpoint = run_config(cfg, run_dir, accelerator.is_main_process)
     plan = plan_training(cfg)  # everything validated before any compute
+    resumed = resume_state(run_dir, accelerator.device) if checkpoint is not None else None
     req, layer, tcfg, sae_cfg, ecfg = plan.req, plan.layer, plan.trainer, plan.sae, plan.eval
     cache, train_ids, eval_ids = open_training_cache(plan, accelerator)
     torch.manual_seed(cfg.seed)
     name, group = run_name_and_group(run_dir)
     logger = make_logger(cfg, run_dir, name, group,
-                         checkpoint and load_checkpoint(checkpoint, torch.device("cpu"))
-                         ["wandb_run_id"], accelerator.is_main_process)
+                         resumed and resumed[1]["wandb_run_id"], accelerator.is_main_process)
     trainer = Trainer(build_sae(sae_cfg), plan.terms, plan.optim, tcfg, cache, train_ids,
                       cfg.seed, accelerator, run_dir, logger)
-    if checkpoint is not None:
-        trainer.load_state_dict(load_checkpoint(checkpoint, accelerator.device))
-        log.info("resuming %s from step %d", run_dir, trainer.step)
+    if resumed is not None:
+        trainer.load_state_dict(resumed[1])
+        log.info("resuming %s from step %d (%s)", run_dir, trainer.step, resumed[0].name)
     log.info("training %s (%d latents) on %s layer %d: %d steps of %d tokens, %d processes",
              sae_cfg.name, sae_cfg.d_sae, req.model.name, layer, trainer.total_steps,
              tcfg.batch_tokens, accelerator.num_processes)

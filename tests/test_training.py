@@ -111,6 +111,43 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cache_root, kill)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
+def test_a_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one(
+        tmp_path, cache_root, damage):
+    """Steps 15 and 20 are checkpointed; the newest is damaged; resume=true says which file
+    it skipped, continues from step 15 and ends with the same weights as before."""
+    run_dir = tmp_path / "run"
+    first = run_module("posae.train", *TINY, "trainer.checkpoint_every=5",
+                       f"cache.root={cache_root}", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.output[-3000:]
+    before = load_file(run_dir / "sae" / "sae_weights.safetensors")
+    state = run_dir / "checkpoints" / "step_0000020" / "state.pt"
+    data = bytearray(state.read_bytes())
+    if damage == "flip":  # inside the tensors' bytes: the file still loads, to other weights
+        data[len(data) // 2] ^= 0xFF
+    state.write_bytes({"flip": bytes(data), "truncate": bytes(data[: len(data) // 2]),
+                       "empty": b"", "garbage": b"not a checkpoint" * 100}[damage])
+    (run_dir / "train_summary.json").unlink()
+    again = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.output[-3000:]
+    assert f"skipped a corrupt checkpoint: {state}" in again.output
+    assert "resuming" in again.output and "from step 15 (step_0000015)" in again.output
+    after = load_file(run_dir / "sae" / "sae_weights.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resuming_with_no_intact_checkpoint_exits_2_naming_the_files(tmp_path, cache_root):
+    run_dir = tmp_path / "run"
+    assert run_module("posae.train", *TINY, "trainer.checkpoint_every=10",
+                      f"cache.root={cache_root}", f"hydra.run.dir={run_dir}").returncode == 0
+    for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
+        state.write_bytes(b"")
+    again = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 2, again.output[-3000:]
+    assert "no intact checkpoint to resume from" in again.output
+    assert "step_0000010/state.pt" in again.output and "step_0000020/state.pt" in again.output
+
+
 @pytest.mark.parametrize("lr", ["1e30", "1e6"])  # non-finite loss; finite, FVU ~1e20
 def test_a_diverging_run_stops_before_saving_it_and_exits_non_zero(tmp_path, cache_root, lr):
     """Warmup reaches the divergent lr after a few finite steps, each checkpointed; the
