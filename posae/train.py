@@ -11,6 +11,7 @@ import copy
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import hydra
 import torch
@@ -44,6 +45,7 @@ from posae.training.loggers import make_logger
 from posae.training.run import (
     check_finished_run,
     finished,
+    hold_run_folder,
     run_config,
     run_name_and_group,
     shared_run_dir,
@@ -116,6 +118,12 @@ def open_training_cache(plan: TrainingPlan, accelerator: Accelerator):
 def main(cfg: DictConfig) -> None:
     accelerator = make_accelerator(cfg.trainer)
     run_dir = shared_run_dir(accelerator)
+    with hold_run_folder(run_dir, accelerator.is_main_process):
+        train_in(cfg, run_dir, accelerator)
+
+
+def train_in(cfg: DictConfig, run_dir: Path, accelerator: Accelerator) -> None:
+    """Train (or resume, or skip a finished) run in `run_dir`, which this process holds."""
     if cfg.resume == "auto" and finished(run_dir):
         if added_or_removed := check_finished_run(cfg, run_dir):
             log.warning("%s: keys the saved config of this finished run lacks or has beyond "

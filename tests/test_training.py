@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import CONF, REPO, run_module
 from safetensors.torch import load_file
 
@@ -274,3 +275,37 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, cache_root):
              for n in ("one", "four")]
     for key in ("loss/mse", "loss/l1", "l0", "fvu"):
         assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4), key
+
+
+def test_a_second_training_into_a_held_run_folder_is_refused_and_changes_nothing(
+        tmp_path, cache_root):
+    """While one run trains in a folder, another launch into it exits 2 naming the holder;
+    the folder ends with the first run's config, labels and weights only."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "posae.train", *TINY, "trainer.n_tokens=204800",
+               f"cache.root={cache_root}", f"hydra.run.dir={run_dir}"]
+    subprocess.run(command[:-2] + ["trainer.n_tokens=512", f"cache.root={cache_root}",
+                                   f"hydra.run.dir={tmp_path / 'warm'}"],
+                   cwd=REPO, check=True, capture_output=True)  # the cache exists before
+    first = subprocess.Popen([*command, "variant=topk", "variant.k=8"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "run_config.yaml").exists():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    second = run_module("posae.train", *TINY, "variant=relu", f"cache.root={cache_root}",
+                        f"hydra.run.dir={run_dir}")
+    assert second.returncode == 2, second.output[-3000:]
+    assert f"{run_dir} is in use by another training (pid {first.pid} on " in second.output
+    assert first.wait() == 0
+    assert yaml.safe_load((run_dir / "run_config.yaml").read_text())["variant"]["name"] == "topk"
+    assert "variant=topk" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert json.loads((run_dir / "sae" / "cfg.json").read_text())["config"]["name"] == "topk"
+    # a fresh launch into the finished folder is refused without relabelling it, and a
+    # resumed launch keeps the first launch's labels (posae.report reads them)
+    again = run_module("posae.train", *TINY, "variant=relu", f"cache.root={cache_root}",
+                       f"hydra.run.dir={run_dir}")
+    assert again.returncode == 2 and "already holds a run" in again.output
+    resumed = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "variant=topk" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -16,6 +21,7 @@ from posae.config import ConfigError
 from posae.training.checkpoint import latest_checkpoint
 
 RUN_CONFIG = "run_config.yaml"
+LOCK_FILE = ".lock"
 
 
 def shared_run_dir(accelerator: Accelerator) -> Path:
@@ -25,6 +31,45 @@ def shared_run_dir(accelerator: Accelerator) -> Path:
     if chosen != own:
         shutil.rmtree(own, ignore_errors=True)
     return chosen
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, is_main: bool) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (its `.lock`, which names the holder) while a run
+    trains there, so that a second training into the same folder is refused before it
+    writes anything, instead of mixing two runs in one folder. The main process holds it;
+    the lock goes with the process (a killed run leaves no stale lock)."""
+    if not is_main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(f"hydra.run.dir: {run_dir} is in use by another training "
+                              f"({holder}); wait for it to end or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save_launch(cfg: DictConfig, run_dir: Path) -> None:
+    """`.hydra/config.yaml` and `.hydra/overrides.yaml` of the launch that started this run,
+    written once, when it starts (Hydra's own writing is off: `hydra.output_subdir: null`),
+    so that a resumed or refused launch cannot relabel the run (posae.report reads them)."""
+    folder = run_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)),
+                   folder / "overrides.yaml")
 
 
 def run_name_and_group(run_dir: Path) -> tuple[str, str | None]:
@@ -91,6 +136,7 @@ def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfi
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, saved, resolve=True)
+            save_launch(cfg, run_dir)
         return cfg, None
     if not saved.exists():
         raise ConfigError(f"resume=true: no {RUN_CONFIG} in {run_dir}; set hydra.run.dir to the "
