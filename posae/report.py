@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from posae import matched
@@ -102,16 +105,39 @@ def expected_runs(config: dict, declared: bool = False) -> list[str]:
                 for v in str(vs).split(",")]
 
     points = values("matched_point") or [None]
-    return [job_key(run, point) for run in values("_run") for point in points]
+    runs = values("_run")
+    if runs or declared:
+        return [job_key(run, point) for run in runs for point in points]
+    return plain_sweep_labels(config["hydra"]["overrides"]["task"])
+
+
+def plain_sweep_labels(task: list[str]) -> list[str]:
+    """The labels (`run_label`) of every job of a sweep without a `_run` group, e.g.
+    `-m variant=relu,topk seed=0,1`: the product of the overrides' values, in Hydra's
+    order."""
+    parsed = OverridesParser.create().parse_overrides(task)
+    choices = [[f"{o.get_key_element()}={v}" for v in (
+        o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()])]
+        for o in parsed]
+    return [",".join(combo) for combo in itertools.product(*choices)]
 
 
 def run_metrics(job: Path) -> tuple[dict, dict | None]:
     """metrics.json, plus the training wall time from train_summary.json as
     `training.seconds`; and the run's provenance from the same file (None before it was
-    recorded)."""
-    metrics = json.loads((job / "metrics.json").read_text())
+    recorded). A file that does not parse raises ValueError naming it."""
+    def read(path: Path) -> dict:
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+        if not isinstance(found, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return found
+
+    metrics = read(job / "metrics.json")
     path = job / "train_summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = read(path) if path.exists() else {}
     if summary:
         metrics["training"] = {"seconds": summary.get("train_seconds")}
     return metrics, summary.get("provenance")
@@ -134,24 +160,34 @@ def provenance_line(rows: list[dict]) -> str:
     return "; ".join(f"{key}: {n} run{'s' * (n != 1)}" for key, n in seen.items())
 
 
-def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str], list[str]]:
-    """Rows of finished runs (label + metrics); the names of runs the sweep's command asked
-    for without metrics; and the experiment's declared runs it did not ask for and the
-    folder does not hold (a relaunch with a narrowed run list rewrites multirun.yaml, and
-    would otherwise hide them). Refuses runs evaluated under different metric definitions
-    (`metric_version`)."""
+@dataclass
+class Collected:
+    rows: list[dict]         # finished runs: label, key, metrics, provenance, point
+    missing: list[str]       # runs the sweep's command asked for, without metrics
+    unrequested: list[str]   # the experiment's declared runs, neither asked for nor here
+    broken: list[str]        # "<folder>: <why>" for jobs whose files do not parse
+
+
+def collect(sweep: Path, config: dict) -> Collected:
+    """Read every job of the sweep. The experiment's declared runs that the command did not
+    ask for are listed too (a relaunch with a narrowed run list rewrites multirun.yaml, and
+    would otherwise hide them); a job whose files do not parse is skipped and listed.
+    Refuses runs evaluated under different metric definitions (`metric_version`)."""
     jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                   key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
                                  p.name))
-    rows = []
+    rows, broken = [], []
     for job in jobs:
         if (job / "metrics.json").exists():
-            metrics, provenance = run_metrics(job)
-            rows.append({"run": run_label(job), "job": job, "metrics": metrics,
-                         "provenance": provenance, "point": matched_point(job)})
+            try:
+                metrics, provenance = run_metrics(job)
+                rows.append({"run": run_label(job), "job": job, "metrics": metrics,
+                             "provenance": provenance, "point": matched_point(job),
+                             "key": job_key(run_label(job), point_name(job))})
+            except (OSError, ValueError, yaml.YAMLError) as err:
+                broken.append(f"{job}: {str(err).splitlines()[0]}")
     folders: dict[str, list[str]] = {}
     for row in rows:
-        row["key"] = job_key(row["run"], point_name(row["job"]))
         folders.setdefault(row["key"], []).append(row["job"].name)
     twice = {key: names for key, names in folders.items() if len(names) > 1}
     if twice:  # counted twice, a run would pass for two seeds and narrow every interval
@@ -173,7 +209,8 @@ def collect(sweep: Path, config: dict) -> tuple[list[dict], list[str], list[str]
     done = {row["key"] for row in rows}
     unrequested = [name for name in expected_runs(config, declared=True)
                    if name not in done and name not in order]
-    return rows, [name for name in expected if name not in done], unrequested
+    return Collected(rows, [name for name in expected if name not in done], unrequested,
+                     broken)
 
 
 def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:
@@ -215,13 +252,15 @@ def markdown_table(header: list[str], body: list[list]) -> list[str]:
             *("| " + " | ".join(cell(v) for v in row) + " |" for row in body)]
 
 
-def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, missing: list[str],
-             unrequested: list[str], provenance: str) -> str:
+def markdown(sweep: Path, paper: dict, paper_rows, standard_rows, found: Collected,
+             provenance: str) -> str:
     lines = [f"# {paper.get('title', 'Sweep')}", "", f"Sweep: `{sweep}`. Missing runs "
-             f"(no metrics.json yet): {', '.join(missing) or 'none'}.", ""]
-    if unrequested:
+             f"(no metrics.json yet): {', '.join(found.missing) or 'none'}.", ""]
+    if found.unrequested:
         lines += [f"Declared by the experiment, not requested by this sweep's command and "
-                  f"not in its folder: {', '.join(unrequested)}.", ""]
+                  f"not in its folder: {', '.join(found.unrequested)}.", ""]
+    if found.broken:
+        lines += [f"Skipped, files that do not parse: {'; '.join(found.broken)}.", ""]
     lines += [f"Trained at: {provenance}.", ""]
     if paper.get("metrics"):
         lines += ["## The paper's metrics: ours, and the paper's figure beside each"
@@ -267,13 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     config = sweep_config(sweep)
     paper = config.get("paper") or {}
     try:
-        rows, missing, unrequested = collect(sweep, config)
+        collected = collect(sweep, config)
     except ConfigError as err:
         sys.exit(f"posae.report: {err}")
+    rows = collected.rows
     paper_header, paper_body = paper_table(rows, paper)
     labels, paths, standard_body = standard_table(rows)
-    text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), missing,
-                    unrequested, provenance_line(rows))
+    text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), collected,
+                    provenance_line(rows))
     groups, non_finite = matched.aggregate(rows, first_metric)
     # the declared order (the first is the baseline), whether or not a method has finished
     methods, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in
@@ -311,9 +351,12 @@ def main(argv: list[str] | None = None) -> None:
             matched.claimed_levels(paper))
     if (config.get("logger") or {}).get("name") == "wandb":
         log_to_wandb(config, sweep, csv_header, csv_body, images)
+    missing, unrequested, broken = (collected.missing, collected.unrequested,
+                                    collected.broken)
     print(f"{len(rows)} runs reported, {len(missing)} missing"
           f"{': ' + ', '.join(missing) if missing else ''}"
           f"{f'; {len(unrequested)} declared, not requested' if unrequested else ''}"
+          f"{f'; {len(broken)} skipped, unreadable: ' + '; '.join(broken) if broken else ''}"
           f"; {sweep / 'report.md'}")
 
 

@@ -172,6 +172,27 @@ def test_report_of_a_partly_finished_sweep_names_the_missing_runs_and_logs_to_wa
     assert "the same run in more than one folder (tc_sae: 1, copy_of_1)" in twice.output
 
 
+def test_a_plain_sweep_counts_its_missing_jobs_and_skips_an_unreadable_one(tmp_path,
+                                                                           cache_root):
+    """`-m variant=relu,topk seed=0,1` without an experiment: four jobs expected; one never
+    finished, one whose metrics.json is garbage is skipped and named, not fatal."""
+    sweep = tmp_path / "sweep"
+    result = run_module("posae.train", "-m", "variant=relu,topk", "seed=0,1", *TINY,
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert result.returncode == 0, result.output[-3000:]
+    labels = {yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[0]
+              + "," + yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[1]: job
+              for job in sweep.iterdir() if (job / ".hydra").is_dir()}
+    (labels["variant=topk,seed=1"] / "metrics.json").unlink()
+    (labels["variant=relu,seed=1"] / "metrics.json").write_text("{not json")
+    report = run_module("posae.report", str(sweep))
+    assert report.returncode == 0, report.output
+    assert "2 runs reported, 2 missing" in report.output
+    assert "variant=topk,seed=1" in report.output and "variant=relu,seed=1" in report.output
+    assert f"1 skipped, unreadable: {labels['variant=relu,seed=1']}: " in report.output
+    assert "Skipped, files that do not parse:" in (sweep / "report.md").read_text()
+
+
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):
     result = run_module("posae.report", str(tmp_path))
     assert result.returncode != 0 and "not a Hydra multirun folder" in result.output
