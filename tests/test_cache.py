@@ -154,3 +154,27 @@ def test_killed_cache_run_resumes_to_the_uninterrupted_content(tmp_path):
                    capture_output=True)
     assert not list(killed.rglob("*.tmp"))
     assert folder_bytes(killed) == folder_bytes(tmp_path / "whole")
+
+
+def test_an_edited_text_corpus_gets_its_own_cache_and_the_change_is_named(minilm, tmp_path,
+                                                                          caplog):
+    """The cache identity holds each file's size and sha256: after an edit the old cache is
+    neither reused nor extended with the new text; a new one is built, saying which file."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}. " + "The cat sat on the mat. " * 60)
+    request = small_cache_request(tmp_path / "cache", layers=(1,), extra=[
+        "dataset=text_files", f"dataset.paths=[{corpus}/*.txt]"])
+    [first] = build_cache(request, lm=minilm)
+    before = folder_bytes(first)
+    (corpus / "doc1.txt").write_text("An edited document. " + "A dog ran in the park. " * 60)
+    edited = small_cache_request(tmp_path / "cache", layers=(1,), extra=[
+        "dataset=text_files", f"dataset.paths=[{corpus}/*.txt]"])
+    with caplog.at_level("WARNING"):
+        [second] = build_cache(edited, lm=minilm)
+    assert second != first and folder_bytes(first) == before
+    assert f"{corpus}/doc1.txt changed" in caplog.text and "doc0.txt" not in caplog.text
+    dog = minilm.tokenizer.convert_tokens_to_ids("dog")
+    assert any((np.load(f) == dog).any() for f in second.glob("shard_*.tokens.npy"))
+    assert not any((np.load(f) == dog).any() for f in first.glob("shard_*.tokens.npy"))

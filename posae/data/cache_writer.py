@@ -9,6 +9,7 @@ the cache folder serialises concurrent builders (parallel sweep jobs).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 from collections.abc import Iterable
@@ -36,7 +37,7 @@ from posae.data.cache_format import (
 )
 from posae.data.sequences import SpecialTokens, iter_sequence_blocks
 from posae.data.synthetic import SyntheticActivations
-from posae.data.text import iter_documents
+from posae.data.text import corpus_changes, iter_documents
 from posae.models.hooks import residual_stream
 from posae.models.lm import LanguageModel, load_language_model, resolve_device
 
@@ -201,6 +202,8 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
         if all(w.satisfies(target) for w in writers):
             log.info("activation cache complete: %s", spec.group_dir())
             return [w.dir for w in writers]
+        if req.dataset.source == "text_files":
+            note_changed_corpus(spec)
         if req.dataset.source == "synthetic":
             for writer in writers:
                 writer.prepare(None, None)
@@ -213,6 +216,23 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
             writer.prepare(lm, special)
         _write_shards(req, lm, special, writers, target, docs)
     return [w.dir for w in writers]
+
+
+def note_changed_corpus(spec) -> None:
+    """Before a `text_files` cache is built in a new folder, name the files that differ from
+    the caches of the same paths already there (an edited corpus gets its own cache; the
+    old one stays as it was)."""
+    identity = spec.dataset_identity()
+    for manifest in sorted(spec.group_dir().parent.parent.glob(
+            f"{spec.dataset.name}-*/ctx*/layer*/manifest.json")):
+        if manifest.is_relative_to(spec.group_dir()):
+            continue
+        old = json.loads(manifest.read_text()).get("dataset", {})
+        if old.get("paths") == identity["paths"] and (changes := corpus_changes(old, identity)):
+            log.warning("dataset.paths: the corpus differs from the one cached in %s (%s): "
+                        "building a new cache in %s", manifest.parent.parent,
+                        "; ".join(changes), spec.group_dir())
+            return
 
 
 def _write_shards(req, lm, special, writers, target, docs) -> None:

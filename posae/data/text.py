@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -24,8 +26,36 @@ def source_identity(ds: DatasetConfig) -> dict:
     elif ds.source == "hf":
         identity.update(path=ds.path, split=ds.split, text_field=ds.text_field)
     else:
-        identity.update(paths=list(ds.paths), text_field=ds.text_field)
+        identity.update(paths=list(ds.paths), text_field=ds.text_field,
+                        files=[file_identity(path) for path in expand_paths(list(ds.paths))])
     return identity
+
+
+def file_identity(path: Path) -> dict:
+    """A text file's path, size and sha256: an edited corpus is a different cache."""
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size,
+            "sha256": _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hashed once per process and version of the file (size and mtime in the key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two `text_files` identities' file lists, by path."""
+    before = {f["path"]: f for f in old.get("files", [])}
+    after = {f["path"]: f for f in new.get("files", [])}
+    return ([f"{p} changed" for p in sorted(before.keys() & after.keys())
+             if before[p] != after[p]]
+            + [f"{p} added" for p in sorted(after.keys() - before.keys())]
+            + [f"{p} removed" for p in sorted(before.keys() - after.keys())])
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
