@@ -158,3 +158,28 @@ def test_settings_that_would_train_backwards_are_refused_when_the_config_is_read
 
     with pytest.raises(ConfigError, match=rf"^{key}"):
         plan_training(compose_config(overrides=["variant=relu", override]))
+
+
+@pytest.mark.parametrize("target", ["pathlib.Path.unlink", "subprocess.Popen"])
+@pytest.mark.parametrize("path", [["l1"], ["l1", "coef"]])
+def test_a_tampered_target_in_a_loss_is_refused_before_anything_is_called(tmp_path, path,
+                                                                          target):
+    """A `_target_` naming another callable (a function that would delete a file, a class
+    that would run a command), at the term or inside its coefficient, is refused naming
+    the key; nothing runs."""
+    from omegaconf import OmegaConf
+
+    from posae.losses import build_loss_terms
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    loss = compose_config(overrides=["variant=atr", "loss=[mse,l1_integral]"]).loss
+    OmegaConf.set_struct(loss, False)
+    node = OmegaConf.select(loss, ".".join(path))
+    node._target_ = target
+    node.self = str(victim)  # Path.unlink(self=...)
+    node.args = ["rm", str(victim)]  # Popen(args=...)
+    key = "\\.".join(path)
+    with pytest.raises(ConfigError, match=rf"^loss\.{key}: .*{target}"):
+        build_loss_terms(loss)
+    assert victim.read_text() == "keep me"

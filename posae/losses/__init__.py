@@ -9,19 +9,33 @@ from posae.config import ConfigError
 from posae.losses.base import Coefficient, LossTerm, StepContext
 
 
+def check_targets(node, key: str, base: type) -> None:
+    """Every `_target_` in `node` (a config read from the command line or from a run folder
+    that may have been edited) must name a class that subclasses `base` at the top and
+    `Coefficient` below it: each is resolved and checked before anything is instantiated,
+    so no other callable can run."""
+    if "_target_" in node:
+        target = node["_target_"]
+        try:
+            cls = get_class(target)
+        except Exception as err:
+            raise ConfigError(f"{key}: _target_ {target!r}: {err}") from None
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ConfigError(f"{key}: {target} is not a {base.__name__}")
+    for child, value in node.items():
+        if isinstance(value, DictConfig):
+            check_targets(value, f"{key}.{child}", Coefficient)
+
+
 def build_loss_terms(loss_cfg: DictConfig) -> dict[str, LossTerm]:
     """Instantiate each selected term of `loss=[...]` by its `_target_`, which must name a
-    LossTerm class: the class is resolved and checked before anything is called."""
+    LossTerm class (and any nested `_target_` a Coefficient class): every class is resolved
+    and checked before anything is called."""
     terms = {}
     for name, node in loss_cfg.items():
         if "_target_" not in node:
             raise ConfigError(f"loss.{name}: needs a _target_ naming its LossTerm class")
-        try:
-            cls = get_class(node._target_)
-        except Exception as err:
-            raise ConfigError(f"loss.{name}: _target_ {node._target_!r}: {err}") from None
-        if not (isinstance(cls, type) and issubclass(cls, LossTerm)):
-            raise ConfigError(f"loss.{name}: {node._target_} is not a LossTerm")
+        check_targets(node, f"loss.{name}", LossTerm)
         try:
             terms[name] = instantiate(node)
         except Exception as err:  # Hydra wraps the cause; name the term in the message
