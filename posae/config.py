@@ -155,8 +155,13 @@ def dataset_config(node: Any) -> DatasetConfig:
 
 
 def cache_config(node: Any) -> CacheConfig:
+    import torch
+
     cfg = typed(node, CacheConfig, "cache")
     _choice(cfg.dtype, STORAGE_DTYPES, "cache.dtype")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"cache.device={cfg.device}: this machine has no CUDA device; use "
+                          f"cache.device=auto (the GPU where there is one) or cpu")
     for key in ("shard_sequences", "batch_sequences"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"cache.{key}: must be a positive integer, got {getattr(cfg, key)}")

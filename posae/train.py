@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from posae.cli import CONFIG_PATH, exit_on_user_error, log
 from posae.config import (
     CacheRequest,
+    ConfigError,
     EvalConfig,
     OptimConfig,
     TrainerConfig,
@@ -85,11 +86,28 @@ class TrainingPlan:
         return self.req.layers[0]
 
 
+# Top-level keys conf/config.yaml and its groups define, and those experiment files add:
+# `paper` (the report's block) and `layers` (dataset=synthetic's, for posae.cache).
+TOP_LEVEL_KEYS = {"layer", "layers", "context_size", "n_tokens", "seed", "match_l0", "resume",
+                  "model", "dataset", "cache", "loss", "optim", "trainer", "logger", "eval",
+                  "variant", "scale", "paper"}
+
+
 def plan_training(cfg: DictConfig) -> TrainingPlan:
     """Validate every part of the config (a bad key raises ConfigError naming it, a loss
     term the architecture cannot feed is refused) and warn of schedules that never finish."""
+    if unknown := sorted(set(cfg) - TOP_LEVEL_KEYS):
+        raise ConfigError(f"{', '.join(unknown)}: no such top-level key (a typo, or `+` where "
+                          f"a group's key was meant?); known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
     req = cache_request(cfg, "layer")
     tcfg = trainer_config(cfg.trainer, req.context_size)
+    sequences = req.n_tokens // req.context_size  # about what the cache will hold
+    training = sequences - max(1, round(sequences * tcfg.eval_fraction))
+    if training * req.context_size < tcfg.batch_tokens:
+        raise ConfigError(f"trainer.eval_fraction={tcfg.eval_fraction} leaves {max(training, 0)} "
+                          f"of the {sequences} sequences of n_tokens={req.n_tokens} for "
+                          f"training, less than one batch (trainer.batch_tokens="
+                          f"{tcfg.batch_tokens}); lower it or raise n_tokens")
     plan = TrainingPlan(req, optim_config(cfg.optim), tcfg, sae_config(cfg.variant,
                                                                         req.model.d_model),
                         build_loss_terms(cfg.loss), eval_config(cfg.eval))
@@ -110,7 +128,11 @@ def open_training_cache(plan: TrainingPlan, accelerator: Accelerator):
         build_cache(plan.req)
     cache = ActivationCache.open(CacheSpec.from_request(plan.req), plan.layer,
                                  plan.req.cache.verify)
-    return (cache, *held_out_split(cache, plan.req.dataset.pack, plan.trainer.eval_fraction))
+    try:
+        return (cache, *held_out_split(cache, plan.req.dataset.pack, plan.trainer.eval_fraction))
+    except ValueError as err:  # the cache holds fewer or longer documents than planned
+        raise ConfigError(f"trainer.eval_fraction={plan.trainer.eval_fraction}: {err} "
+                          f"({cache.dir})") from None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

@@ -152,8 +152,12 @@ def test_schedules_that_end_after_the_run_are_named():
     ("optim.warmup_steps=-5", "optim.warmup_steps"),
     ("loss.l1.coef=-0.1", "loss.l1"),                # a negative penalty rewards density
     ("loss.l1.warmup_steps=-5", "loss.l1"),
+    ("trainer.eval_fraction=0.999", "trainer.eval_fraction"),  # no training sequences left
+    pytest.param("cache.device=cuda", "cache.device", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="needs a machine without CUDA")),
+    ("+unknown=1", "unknown: no such top-level key"),
 ])
-def test_settings_that_would_train_backwards_are_refused_when_the_config_is_read(override, key):
+def test_settings_that_would_train_backwards_or_not_at_all_are_refused_when_read(override, key):
     from posae.train import plan_training
 
     with pytest.raises(ConfigError, match=rf"^{key}"):
