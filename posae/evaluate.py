@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -37,4 +38,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if not any(arg.startswith(("run_dir=", "-")) for arg in sys.argv[1:]):  # -h, --cfg pass
+        print("posae.evaluate: run_dir=<the folder of a finished `python -m posae.train` run> "
+              "is required", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -79,3 +79,10 @@ def test_evaluate_refuses_bad_input_before_any_compute(tmp_path):
                            f"cache.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}")
     assert bad_train.returncode == 2 and "eval.families" in bad_train.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_evaluate_without_run_dir_says_what_it_needs():
+    result = run_module("posae.evaluate")
+    assert result.returncode == 2, result.output
+    assert "run_dir=<the folder of a finished `python -m posae.train` run> is required" in \
+        result.output

@@ -46,6 +46,34 @@ def test_saved_sae_reloads_with_the_same_codes(name, tmp_path):
     assert torch.equal(loaded.encode(x, pos, mask), sae.encode(x, pos, mask))
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("no config", r"cfg\.json: missing"),
+    ("no weights", r"sae_weights\.safetensors: missing"),
+    ("garbage config", r"cfg\.json: not a posae SAE config"),
+    ("other width", r"sae_weights\.safetensors: does not hold the weights .*cfg\.json"),
+    ("garbage weights", r"sae_weights\.safetensors: does not hold the weights"),
+])
+def test_a_damaged_sae_folder_is_refused_naming_the_file(tmp_path, damage, message):
+    from posae.config import ConfigError
+
+    save_sae(make("relu"), tmp_path, {"layer": 3})
+    config, weights = tmp_path / "cfg.json", tmp_path / "sae_weights.safetensors"
+    if damage == "no config":
+        config.unlink()
+    elif damage == "no weights":
+        weights.unlink()
+    elif damage == "garbage config":
+        config.write_text("{not json")
+    elif damage == "other width":
+        record = json.loads(config.read_text())
+        record["config"]["width"] = 2 * D_SAE
+        config.write_text(json.dumps(record))
+    else:
+        weights.write_bytes(b"not safetensors" * 10)
+    with pytest.raises(ConfigError, match=message):
+        load_sae(tmp_path)
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_folding_the_input_scale_keeps_codes_and_rescales_output(name):
     sae = make(name).eval()

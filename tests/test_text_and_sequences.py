@@ -116,3 +116,32 @@ def test_text_files_errors_name_the_key_and_file(tmp_path):
     ds.paths = [str(tmp_path / "missing/*.txt")]
     with pytest.raises(ConfigError, match=r"dataset\.paths: .*matches no file"):
         list(iter_documents(ds))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", r"empty\.txt is empty"),
+    ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", r"binary\.txt is not UTF-8 text"),
+    ("rows.jsonl", b'{"text": "fine"}\n{"text": broken\n', r"rows\.jsonl:2: not a JSON object"),
+    ("rows.jsonl", b'{"text": "fine"}\n["a list"]\n', r"rows\.jsonl:2: not a JSON object"),
+])
+def test_an_unreadable_text_file_is_named_with_its_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    ds = DatasetConfig(name="t", source="text_files", paths=[str(tmp_path / name)])
+    with pytest.raises(ConfigError, match=rf"^dataset\.paths: .*{message}"):
+        list(iter_documents(ds))
+
+
+def test_a_corpus_without_text_writes_no_cache(minilm, tmp_path):
+    """Whitespace only: no sequence at all. An empty manifest would pass for a finished
+    cache in every later run; nothing is written instead."""
+    from conftest import small_cache_request
+
+    from posae.data.cache_format import CacheError
+    from posae.data.cache_writer import build_cache
+
+    (tmp_path / "blank.txt").write_text("   \n\n  ")
+    request = small_cache_request(tmp_path / "cache", layers=(1,), extra=[
+        "dataset=text_files", f"dataset.paths=[{tmp_path}/blank.txt]"])
+    with pytest.raises(CacheError, match="yields no text to cache"):
+        build_cache(request, lm=minilm)
+    assert not list((tmp_path / "cache").rglob("manifest.json"))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from posae.config import CacheRequest
 from posae.data.cache_format import (
     ARRAYS,
+    CacheError,
     CacheMismatchError,
     CacheSpec,
     check_identity,
@@ -259,6 +260,10 @@ def _write_shards(req, lm, special, writers, target, docs) -> None:
             writes.submit(_append_all, todo, index, acts, tokens, mask)
             written += len(tokens)
             bar.update(len(tokens) * context)
+    if written == 0:  # an empty manifest would pass for a finished cache in every later run
+        raise CacheError(f"dataset: {req.dataset.name} yields no text to cache "
+                         f"({', '.join(req.dataset.paths or []) or req.dataset.source}); "
+                         f"nothing written")
     if written < target:
         log.warning("the text ran out after %d of %d sequences; the cache holds all of it",
                     written, target)

@@ -70,18 +70,40 @@ def expand_paths(patterns: list[str]) -> list[Path]:
                 raise ConfigError(
                     f"dataset.paths: {path} is not one of {', '.join(TEXT_FILE_SUFFIXES)}"
                 )
+            if path.stat().st_size == 0:
+                raise ConfigError(f"dataset.paths: {path} is empty")
         files += matches
     return files
 
 
 def iter_text_file(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file: a .txt is one document, each .jsonl line one (its
+    `text_field`), each parquet row one. Bytes that are not UTF-8 or a line that is not a
+    JSON object raise ConfigError naming the file (and line)."""
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"dataset.paths: {path} is not UTF-8 text (byte {err.start}); "
+                              f"a binary file?") from None
     elif path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    yield _field(json.loads(line), text_field, f"{path}:{number}")
+            number = 0
+            try:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError("not a JSON object")
+                        yield _field(row, text_field, f"{path}:{number}")
+            except ConfigError:  # a missing text_field, already named
+                raise
+            except UnicodeDecodeError:
+                raise ConfigError(f"dataset.paths: {path}:{number + 1} is not UTF-8 "
+                                  f"text") from None
+            except ValueError as err:  # json.JSONDecodeError included
+                raise ConfigError(f"dataset.paths: {path}:{number}: not a JSON object per "
+                                  f"line ({err})") from None
     else:
         import pyarrow.parquet as pq
 

@@ -82,14 +82,29 @@ def save_sae(sae: SAE, folder: Path, metadata: dict | None = None) -> None:
 
 
 def load_sae(folder: Path, device: str = "cpu") -> SAE:
-    record = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    cls = architecture(record["architecture"])
+    """The SAE saved in `folder` (`save_sae`); ConfigError names the file that is missing,
+    unreadable or inconsistent with the other."""
+    config_file, weights_file = Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE
+    for path in (config_file, weights_file):
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing; {folder} is not a saved posae SAE folder")
+    try:
+        record = json.loads(config_file.read_text())
+        cls = architecture(record["architecture"])
+        config = cls.config_class(**record["config"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{config_file}: not a posae SAE config ({type(err).__name__}: "
+                          f"{err})") from None
     if record.get("format_version", 1) < CHANGED_IN.get(record["architecture"], 0):
         raise ConfigError(f"{Path(folder) / CONFIG_FILE}: a {record['architecture']} SAE saved "
                           f"before format version {CHANGED_IN[record['architecture']]}, whose "
                           f"codes this version of posae computes differently; retrain it")
-    sae = cls(cls.config_class(**record["config"]))
-    sae.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE), device=device))
+    sae = cls(config)
+    try:
+        sae.load_state_dict(load_file(str(weights_file), device=device))
+    except Exception as err:  # safetensors' parse errors, or shapes that differ from cfg.json
+        raise ConfigError(f"{weights_file}: does not hold the weights {config_file} describes "
+                          f"({str(err).splitlines()[0][:300]})") from None
     return sae.to(device).eval()
 
 
