@@ -126,8 +126,8 @@ def open_training_cache(plan: TrainingPlan, accelerator: Accelerator):
     it: (cache, training sequence ids, held-out sequence ids)."""
     with accelerator.main_process_first():
         build_cache(plan.req)
-    cache = ActivationCache.open(CacheSpec.from_request(plan.req), plan.layer,
-                                 plan.req.cache.verify)
+    # build_cache has just checked every shard (its sha256 too with cache.verify)
+    cache = ActivationCache.open(CacheSpec.from_request(plan.req), plan.layer, verify=False)
     try:
         return (cache, *held_out_split(cache, plan.req.dataset.pack, plan.trainer.eval_fraction))
     except ValueError as err:  # the cache holds fewer or longer documents than planned

@@ -120,6 +120,31 @@ def test_reader_refuses_a_corrupt_shard_naming_it(minilm, tmp_path):
         ActivationCache.open(CacheSpec.from_request(req), 1, verify=False)
 
 
+def test_building_again_recomputes_only_the_damaged_shards(minilm, tmp_path, caplog):
+    """A flipped byte in layer 3's shard 1 and a missing file of layer 1's shard 0: building
+    again names both, rewrites those two shards only, and ends bit-identical."""
+    req = small_cache_request(tmp_path, layers=(1, 3))
+    build_cache(req, lm=minilm)
+    spec = CacheSpec.from_request(req)
+    before = {layer: folder_bytes(spec.layer_dir(layer)) for layer in (1, 3)}
+    flipped = spec.layer_dir(3) / "shard_00001.acts.npy"
+    data = bytearray(flipped.read_bytes())
+    data[-100] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    missing = spec.layer_dir(1) / "shard_00000.tokens.npy"
+    missing.unlink()
+    untouched = spec.layer_dir(3) / "shard_00000.acts.npy"
+    stamp = untouched.stat().st_mtime_ns
+    with caplog.at_level("WARNING"):
+        build_cache(req, lm=minilm)
+    assert f"{flipped} fails its sha256 check" in caplog.text
+    assert f"{missing} is listed in the manifest but missing" in caplog.text
+    assert untouched.stat().st_mtime_ns == stamp  # an intact shard is not rewritten
+    after = {layer: folder_bytes(spec.layer_dir(layer)) for layer in (1, 3)}
+    assert after == before
+    ActivationCache.open(spec, 3)  # verifies
+
+
 CACHE_ARGS = ["layers=[1,3]", "context_size=32", "cache.shard_sequences=4",
               "cache.batch_sequences=4", "cache.device=cpu", f"n_tokens={48 * 32}"]
 

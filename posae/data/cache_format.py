@@ -159,6 +159,20 @@ def write_manifest(path: Path, manifest: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
+def shard_problem(folder: Path, shard: dict, verify: bool) -> str | None:
+    """Why a manifest's shard cannot be trusted (a file missing, of the wrong size, or, with
+    `verify`, failing its sha256), naming the file; None when it is intact."""
+    for record in shard["files"].values():
+        path = folder / record["name"]
+        if not path.exists():
+            return f"{path} is listed in the manifest but missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}"
+        if verify and file_sha256(path) != record["sha256"]:
+            return f"{path} fails its sha256 check: the shard is corrupt"
+    return None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

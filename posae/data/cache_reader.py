@@ -21,9 +21,9 @@ from posae.data.cache_format import (
     CacheError,
     CacheSpec,
     check_identity,
-    file_sha256,
     from_storage,
     read_manifest,
+    shard_problem,
 )
 
 
@@ -60,23 +60,11 @@ class ActivationCache:
         return cls(spec.layer_dir(layer), spec.identity(layer), verify)
 
     def _check_files(self, verify: bool) -> None:
-        records = [f for s in self.shards for f in s["files"].values()]
-        for record in records:
-            path = self.dir / record["name"]
-            if not path.exists():
-                raise CacheCorruptError(f"{path} is listed in the manifest but missing")
-            if path.stat().st_size != record["bytes"]:
-                raise CacheCorruptError(
-                    f"{path} has {path.stat().st_size} bytes, the manifest says {record['bytes']}"
-                )
-        if not verify:
-            return
-        for record in tqdm(records, desc="verifying cache", unit="file",
-                           disable=len(records) < 64, leave=False):
-            if file_sha256(self.dir / record["name"]) != record["sha256"]:
-                raise CacheCorruptError(
-                    f"{self.dir / record['name']} fails its sha256 check: the shard is corrupt"
-                )
+        for shard in tqdm(self.shards, desc="verifying cache", unit="shard",
+                          disable=not verify or len(self.shards) < 16, leave=False):
+            if problem := shard_problem(self.dir, shard, verify):
+                raise CacheCorruptError(f"{problem}; `python -m posae.cache` with the same "
+                                        f"settings recomputes only the damaged shards")
 
     def __len__(self) -> int:
         return self.manifest["n_sequences"]

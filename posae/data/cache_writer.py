@@ -30,6 +30,7 @@ from posae.data.cache_format import (
     check_identity,
     read_manifest,
     shard_file,
+    shard_problem,
     shard_stats,
     summarise_stats,
     to_storage,
@@ -55,6 +56,7 @@ class LayerWriter:
         self.shards: list[dict] = []
         self.stats: list[np.ndarray] = []
         self.exhausted = False
+        self.damaged: dict[int, str] = {}  # index of a listed shard: why it is not trusted
         path = self.dir / "manifest.json"
         if path.exists():
             self._load_existing(read_manifest(path), path, spec, layer, shard_sequences)
@@ -77,7 +79,18 @@ class LayerWriter:
         return sum(s["n_seq"] for s in self.shards)
 
     def satisfies(self, n_sequences: int) -> bool:
-        return self.exhausted or self.n_sequences >= n_sequences
+        return not self.damaged and (self.exhausted or self.n_sequences >= n_sequences)
+
+    def check_shards(self, verify: bool) -> None:
+        """Find the listed shards whose files are missing, of the wrong size or (`verify`)
+        fail their sha256: they are recomputed, and only they (`needs`)."""
+        self.damaged = {s["index"]: problem for s in self.shards
+                        if (problem := shard_problem(self.dir, s, verify))}
+        for problem in self.damaged.values():
+            log.warning("%s: recomputing that shard", problem)
+
+    def needs(self, index: int) -> bool:
+        return index >= self.full_shards() or index in self.damaged
 
     def full_shards(self) -> int:
         """Leading shards of full size: those a resumed or extended run keeps."""
@@ -106,13 +119,19 @@ class LayerWriter:
             self.header["model"] = {**self.header["model"], "revision": lm.revision}
 
     def append(self, index: int, acts: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Write shard `index`: the next one, or a damaged one in its place."""
         dtype = self.header["dtype"]
         stats = shard_stats(acts, mask, dtype)
         files = {}
         for name, array in zip(ARRAYS, (acts, tokens, mask, stats)):
             files[name] = write_array(self.dir / shard_file(index, name), array)
-        self.shards.append({"index": index, "n_seq": len(tokens), "files": files})
-        self.stats.append(stats)
+        record = {"index": index, "n_seq": len(tokens), "files": files}
+        if self.damaged.pop(index, None) is not None:
+            at = next(i for i, s in enumerate(self.shards) if s["index"] == index)
+            self.shards[at], self.stats[at] = record, stats
+        else:
+            self.shards.append(record)
+            self.stats.append(stats)
         self.write_manifest()
 
     def write_manifest(self) -> None:
@@ -200,6 +219,8 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
     target = math.ceil(req.n_tokens / context)
     with build_lock(spec.group_dir()):
         writers = [LayerWriter(spec, layer, size) for layer in req.layers]
+        for writer in writers:
+            writer.check_shards(req.cache.verify)
         if all(w.satisfies(target) for w in writers):
             log.info("activation cache complete: %s", spec.group_dir())
             return [w.dir for w in writers]
@@ -239,27 +260,25 @@ def note_changed_corpus(spec) -> None:
 def _write_shards(req, lm, special, writers, target, docs) -> None:
     size, context = req.cache.shard_sequences, req.context_size
     n_shards = math.ceil(target / size)
-    have = {w.layer: w.full_shards() for w in writers}
-    start = min(have.values())
     blocks = iter_sequence_blocks(docs if docs is not None else iter_documents(req.dataset),
                                   lm.tokenizer, special, context, req.dataset.pack, size)
-    written = start * size
-    bar = tqdm(total=target * context, initial=written * context, unit="tok", unit_scale=True,
+    written = 0  # sequences of the text up to the current shard
+    bar = tqdm(total=target * context, unit="tok", unit_scale=True,
                desc=f"caching {req.model.name} layers {req.layers}", dynamic_ncols=True)
     with ShardWrites(background=lm.device.type != "cpu") as writes, bar:
         for index, (tokens, mask) in enumerate(blocks):
             if index >= n_shards:
                 break
-            if index < start:
-                continue
             keep = min(len(tokens), target - index * size)
+            written = index * size + keep
+            bar.update(keep * context)
+            todo = [w for w in writers if w.needs(index)]  # new shards, or damaged ones
+            if not todo:
+                continue
             tokens, mask = tokens[:keep], mask[:keep]
-            todo = [w for w in writers if have[w.layer] <= index]
             acts = forward_shard(lm, [w.layer for w in todo], tokens, mask,
                                  req.cache.batch_sequences, req.cache.dtype)
             writes.submit(_append_all, todo, index, acts, tokens, mask)
-            written += len(tokens)
-            bar.update(len(tokens) * context)
     if written == 0:  # an empty manifest would pass for a finished cache in every later run
         raise CacheError(f"dataset: {req.dataset.name} yields no text to cache "
                          f"({', '.join(req.dataset.paths or []) or req.dataset.source}); "
@@ -276,15 +295,17 @@ def _write_synthetic_shards(req, writers, target) -> None:
     """Planted-feature activations (posae/data/synthetic.py) in the same shard format."""
     size, context = req.cache.shard_sequences, req.context_size
     source = SyntheticActivations(req.dataset.synthetic, context)
-    start = min(w.full_shards() for w in writers)
-    for index in tqdm(range(start, math.ceil(target / size)), desc="generating synthetic shards",
+    for index in tqdm(range(math.ceil(target / size)), desc="generating synthetic shards",
                       dynamic_ncols=True):
+        todo = [w for w in writers if w.needs(index)]  # new shards, or damaged ones
+        if not todo:
+            continue
         n_seq = min(size, target - index * size)
         acts, _ = source.shard(index, n_seq)
         tokens = np.zeros((n_seq, context), np.int32)
         mask = np.ones((n_seq, context), bool)
-        _append_all(writers, index, {w.layer: to_storage(torch.from_numpy(acts), req.cache.dtype)
-                                     for w in writers}, tokens, mask)
+        _append_all(todo, index, {w.layer: to_storage(torch.from_numpy(acts), req.cache.dtype)
+                                  for w in todo}, tokens, mask)
 
 
 def _append_all(writers, index, acts, tokens, mask) -> None:
