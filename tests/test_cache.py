@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, small_cache_request
 
-from posae.data.cache_format import CacheCorruptError, CacheMismatchError, CacheSpec
+from posae.data.cache_format import CacheCorruptError, CacheError, CacheMismatchError, CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
 from posae.models.hooks import residual_stream
@@ -143,6 +143,24 @@ def test_building_again_recomputes_only_the_damaged_shards(minilm, tmp_path, cap
     after = {layer: folder_bytes(spec.layer_dir(layer)) for layer in (1, 3)}
     assert after == before
     ActivationCache.open(spec, 3)  # verifies
+
+
+def test_a_complete_cache_that_cannot_be_written_is_used_read_only(minilm, tmp_path):
+    """A shared cache on a read-only mount: no lock can be taken. Complete, it is used as it
+    is; asked for more than it holds, the refusal says why. (The lock file is made a
+    folder so that opening it fails even for root, whom file modes do not stop.)"""
+    req = small_cache_request(tmp_path, layers=(1,))
+    [layer_dir] = build_cache(req, lm=minilm)
+    before = folder_bytes(layer_dir)
+    lock = CacheSpec.from_request(req).group_dir() / ".lock"
+    lock.unlink()
+    lock.mkdir()
+    assert build_cache(req, lm=minilm) == [layer_dir]
+    assert folder_bytes(layer_dir) == before
+    ActivationCache.open(CacheSpec.from_request(req), 1)
+    more = small_cache_request(tmp_path, layers=(1,), n_tokens=80 * 32)
+    with pytest.raises(CacheError, match="cannot be written and does not hold 80 intact"):
+        build_cache(more, lm=minilm)
 
 
 CACHE_ARGS = ["layers=[1,3]", "context_size=32", "cache.shard_sequences=4",

@@ -146,16 +146,22 @@ class LayerWriter:
 
 @contextmanager
 def build_lock(folder: Path):
-    """Exclusive lock on a cache folder, held while building it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as handle:
+    """Exclusive lock on a cache folder, held while building it; yields False without one
+    where the folder cannot be written (a read-only shared cache), True with it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a")
+    except OSError:  # read-only file system or folder, or no permission
+        yield False
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another process is building %s; waiting for it", folder)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -217,13 +223,18 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
     spec = CacheSpec.from_request(req)
     size, context = req.cache.shard_sequences, req.context_size
     target = math.ceil(req.n_tokens / context)
-    with build_lock(spec.group_dir()):
+    with build_lock(spec.group_dir()) as writable:
         writers = [LayerWriter(spec, layer, size) for layer in req.layers]
         for writer in writers:
             writer.check_shards(req.cache.verify)
         if all(w.satisfies(target) for w in writers):
-            log.info("activation cache complete: %s", spec.group_dir())
+            log.info("activation cache complete%s: %s", "" if writable else " (read-only)",
+                     spec.group_dir())
             return [w.dir for w in writers]
+        if not writable:
+            raise CacheError(f"{spec.group_dir()} cannot be written and does not hold "
+                             f"{target} intact sequences of layers {req.layers}; build it "
+                             f"where it can be written, or set cache.root to a writable folder")
         if req.dataset.source == "text_files":
             note_changed_corpus(spec)
         if req.dataset.source == "synthetic":
