@@ -12,6 +12,7 @@ from itertools import islice
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -145,3 +146,47 @@ def test_a_corpus_without_text_writes_no_cache(minilm, tmp_path):
     with pytest.raises(CacheError, match="yields no text to cache"):
         build_cache(request, lm=minilm)
     assert not list((tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_a_long_document_tokenised_in_pieces_gives_the_same_sequences(minilm):
+    """Cut just before whitespace, the pieces tokenise as the whole does (WordPiece here)."""
+    import numpy as np
+
+    from posae.data import sequences
+
+    docs = list(islice(iter_stdlib_docstrings(), 2000))
+    whole = "  \n".join(docs) + " tail"  # one document of ~4 pieces, runs of mixed whitespace
+    assert len(whole) > 3 * sequences.CHUNK_CHARS
+    assert "".join(sequences.text_pieces(whole)) == whole
+    special = SpecialTokens.for_tokenizer(minilm.tokenizer, prepend_bos=False)
+    ids = minilm.tokenizer(whole, add_special_tokens=False, verbose=False)["input_ids"]
+    n = special.content_length(32)
+    expected = [[*special.prefix, *ids[i:i + n], *special.suffix]
+                for i in range(0, len(ids) + 1 - n, n)]  # + separator: the last may differ
+    got = np.concatenate([tokens for tokens, _ in iter_sequence_blocks(
+        [whole], minilm.tokenizer, special, 32, True, 64)])
+    assert got[:-1].tolist() == expected[:len(got) - 1]
+
+
+def test_caching_a_few_sequences_of_a_huge_one_line_file_stays_small(tmp_path):
+    """A 40 MB single-line document: only the pieces the first sequences need are
+    tokenised (whole, it took gigabytes); peak memory of the process stays low."""
+    script = (
+        "import resource, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from conftest import compose_config\n"
+        "from posae.config import model_config\n"
+        "from posae.models.lm import load_language_model\n"
+        "from posae.data.sequences import SpecialTokens, iter_sequence_blocks\n"
+        "import torch\n"
+        "lm = load_language_model(model_config(compose_config().model), torch.device('cpu'))\n"
+        "special = SpecialTokens.for_tokenizer(lm.tokenizer, False)\n"
+        "doc = 'word and more words, ' * 2_000_000\n"
+        "blocks = iter_sequence_blocks([doc], lm.tokenizer, special, 128, True, 64)\n"
+        "next(blocks); next(blocks)\n"
+        "print('peak_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(result.stdout.split("peak_mb")[1])
+    assert peak < 1500, f"peak RSS {peak} MB"

@@ -21,6 +21,10 @@ import numpy as np
 from posae.config import ConfigError
 
 TOKENIZE_BATCH = 256
+# A longer document is tokenised in pieces of about this many characters, each cut just
+# before a run of whitespace (where tokenizers split anyway), one piece at a time, so that
+# memory stays flat and tokenising stops when the cache has its tokens.
+CHUNK_CHARS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -57,20 +61,50 @@ class SpecialTokens:
         return n
 
 
-def _token_lists(docs: Iterable[str], tokenizer) -> Iterator[list[int]]:
+def text_pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most about CHUNK_CHARS characters, each but the first starting
+    with a run of whitespace (cut anywhere only where there is none)."""
+    start = 0
+    while len(text) - start > CHUNK_CHARS:
+        end = start + CHUNK_CHARS
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+        while cut > start + 1 and text[cut - 1].isspace():
+            cut -= 1
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _token_pieces(docs: Iterable[str], tokenizer) -> Iterator[tuple[list[int], bool]]:
+    """(token ids, whether the document ends here), in order: short documents tokenised in
+    batches, a long one piece by piece (`text_pieces`), lazily."""
+    def tokenize(texts):  # whole documents, cut later: no "longer than the maximum" warning
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
     docs = iter(docs)
     while batch := list(islice(docs, TOKENIZE_BATCH)):
-        # whole documents, truncated later: silence the "longer than the maximum" warning
-        yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        short: list[str] = []
+        for doc in [*batch, None]:  # None: flush the short ones at the end of the batch
+            if doc is not None and len(doc) <= CHUNK_CHARS:
+                short.append(doc)
+                continue
+            yield from ((ids, True) for ids in (tokenize(short) if short else []))
+            short = []
+            if doc is not None:
+                for piece in text_pieces(doc):
+                    yield tokenize([piece])[0], False
+                yield [], True
 
 
 def _packed(docs, tokenizer, special: SpecialTokens, context_size: int):
     n = special.content_length(context_size)
     prefix, suffix = list(special.prefix), list(special.suffix)
     buffer: list[int] = []
-    for ids in _token_lists(docs, tokenizer):
+    for ids, ends in _token_pieces(docs, tokenizer):
         buffer += ids
-        buffer.append(special.separator)
+        if ends:
+            buffer.append(special.separator)
         start = 0
         while len(buffer) - start >= n:
             yield prefix + buffer[start : start + n] + suffix, context_size
@@ -80,7 +114,9 @@ def _packed(docs, tokenizer, special: SpecialTokens, context_size: int):
 
 def _unpacked(docs, tokenizer, special: SpecialTokens, context_size: int):
     n = special.content_length(context_size)
-    for ids in _token_lists(docs, tokenizer):
+    # one sequence a document, cut to n tokens: its first CHUNK_CHARS characters suffice
+    heads = (doc[:CHUNK_CHARS] for doc in docs)
+    for ids, _ in _token_pieces(heads, tokenizer):
         if ids:
             seq = list(special.prefix) + ids[:n] + list(special.suffix)
             yield seq + [special.pad] * (context_size - len(seq)), len(seq)
