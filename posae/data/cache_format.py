@@ -124,10 +124,36 @@ def shard_file(index: int, array: str) -> str:
 
 
 def read_manifest(path: Path) -> dict:
+    """A layer's manifest, its structure checked: CacheCorruptError names the file and the
+    first field that is missing or of the wrong type."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CacheCorruptError(f"{path} is not valid JSON ({err})") from None
+    if problem := manifest_problem(manifest):
+        raise CacheCorruptError(f"{path}: {problem}; delete that layer folder to rebuild it")
+    return manifest
+
+
+def manifest_problem(manifest) -> str | None:
+    """The first structural fault of a manifest (fields and types a reader relies on)."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    for key, kind in (("shards", list), ("n_sequences", int), ("source_exhausted", bool),
+                      ("shard_sequences", int), ("stats", dict)):
+        if not isinstance(manifest.get(key), kind):
+            return f"field {key!r} is missing or not a {kind.__name__}"
+    for i, shard in enumerate(manifest["shards"]):
+        if not (isinstance(shard, dict) and isinstance(shard.get("index"), int)
+                and isinstance(shard.get("n_seq"), int) and isinstance(shard.get("files"), dict)):
+            return f"shards[{i}] lacks an integer index and n_seq and a files table"
+        for array in ARRAYS:
+            record = shard["files"].get(array)
+            if not (isinstance(record, dict) and isinstance(record.get("name"), str)
+                    and isinstance(record.get("sha256"), str)
+                    and isinstance(record.get("bytes"), int)):
+                return f"shards[{i}].files.{array} lacks its name, sha256 and bytes"
+    return None
 
 
 def atomic_write(path: Path, write: Callable) -> dict:
