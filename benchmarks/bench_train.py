@@ -32,7 +32,7 @@ from posae.data.cache_reader import ActivationCache  # noqa: E402
 from posae.data.cache_writer import build_cache  # noqa: E402
 from posae.losses import build_loss_terms  # noqa: E402
 from posae.sae import build_sae, sae_config  # noqa: E402
-from posae.training.batches import split_sequences  # noqa: E402
+from posae.training.batches import held_out_split  # noqa: E402
 from posae.training.loggers import NoLogger  # noqa: E402
 from posae.training.trainer import Trainer  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
         req = cache_request(compose_config(overrides=base), "layer")
         build_cache(req)
         cache = ActivationCache.open(CacheSpec.from_request(req), req.layers[0])
-        train_ids, _ = split_sequences(len(cache), 0.05)
+        train_ids, _ = held_out_split(cache, req.dataset.pack, 0.05)
         accelerator = Accelerator(cpu=True)
         trainers = {}
         for name in args.variants.split(","):
