@@ -133,16 +133,24 @@ def test_building_again_recomputes_only_the_damaged_shards(minilm, tmp_path, cap
     flipped.write_bytes(bytes(data))
     missing = spec.layer_dir(1) / "shard_00000.tokens.npy"
     missing.unlink()
+    partial = spec.layer_dir(3) / "shard_00002.mask.npy"  # the last shard, 8 of 16
+    partial.write_bytes(partial.read_bytes()[:-3])
     untouched = spec.layer_dir(3) / "shard_00000.acts.npy"
     stamp = untouched.stat().st_mtime_ns
     with caplog.at_level("WARNING"):
         build_cache(req, lm=minilm)
     assert f"{flipped} fails its sha256 check" in caplog.text
     assert f"{missing} is listed in the manifest but missing" in caplog.text
+    assert f"{partial} has" in caplog.text
     assert untouched.stat().st_mtime_ns == stamp  # an intact shard is not rewritten
     after = {layer: folder_bytes(spec.layer_dir(layer)) for layer in (1, 3)}
     assert after == before
     ActivationCache.open(spec, 3)  # verifies
+    # a damaged shard beyond what a smaller request needs is repaired too, not left listed
+    beyond = spec.layer_dir(1) / "shard_00002.acts.npy"
+    beyond.write_bytes(b"\0" * beyond.stat().st_size)
+    build_cache(small_cache_request(tmp_path, layers=(1, 3), n_tokens=20 * 32), lm=minilm)
+    assert folder_bytes(spec.layer_dir(1)) == before[1]
 
 
 def test_a_complete_cache_that_cannot_be_written_is_used_read_only(minilm, tmp_path):

@@ -165,7 +165,7 @@ def test_settings_that_would_train_backwards_or_not_at_all_are_refused_when_read
 
 
 @pytest.mark.parametrize("target", ["pathlib.Path.unlink", "subprocess.Popen"])
-@pytest.mark.parametrize("path", [["l1"], ["l1", "coef"]])
+@pytest.mark.parametrize("path", [["l1"], ["l1", "coef"], ["l1", "extra[0]"]])
 def test_a_tampered_target_in_a_loss_is_refused_before_anything_is_called(tmp_path, path,
                                                                           target):
     """A `_target_` naming another callable (a function that would delete a file, a class
@@ -179,11 +179,12 @@ def test_a_tampered_target_in_a_loss_is_refused_before_anything_is_called(tmp_pa
     victim.write_text("keep me")
     loss = compose_config(overrides=["variant=atr", "loss=[mse,l1_integral]"]).loss
     OmegaConf.set_struct(loss, False)
+    loss.l1.extra = [{}]  # Hydra instantiates inside lists as well
     node = OmegaConf.select(loss, ".".join(path))
     node._target_ = target
     node.self = str(victim)  # Path.unlink(self=...)
     node.args = ["rm", str(victim)]  # Popen(args=...)
-    key = "\\.".join(path)
+    key = "\\.".join(path).replace("[", "\\[").replace("]", "\\]")
     with pytest.raises(ConfigError, match=rf"^loss\.{key}: .*{target}"):
         build_loss_terms(loss)
     assert victim.read_text() == "keep me"

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from posae.config import CacheRequest
 from posae.data.cache_format import (
     ARRAYS,
+    CacheCorruptError,
     CacheError,
     CacheMismatchError,
     CacheSpec,
@@ -89,19 +90,27 @@ class LayerWriter:
         for problem in self.damaged.values():
             log.warning("%s: recomputing that shard", problem)
 
-    def needs(self, index: int) -> bool:
-        return index >= self.full_shards() or index in self.damaged
+    def needs(self, index: int, n_shards: int) -> bool:
+        """Shard `index` is to be written: damaged, or new and within the `n_shards` asked."""
+        return index in self.damaged or len(self.shards) <= index < n_shards
+
+    def listed_n_seq(self, index: int) -> int:
+        return next(s["n_seq"] for s in self.shards if s["index"] == index)
 
     def full_shards(self) -> int:
         """Leading shards of full size: those a resumed or extended run keeps."""
         size = self.header["shard_sequences"]
         return next((i for i, s in enumerate(self.shards) if s["n_seq"] < size), len(self.shards))
 
-    def prepare(self, lm: LanguageModel | None, special: SpecialTokens | None) -> None:
-        """Drop a trailing partial shard and stray temp files; record the tokenizer (none
-        for synthetic activations)."""
-        keep = self.full_shards()
-        self.shards, self.stats, self.exhausted = self.shards[:keep], self.stats[:keep], False
+    def prepare(self, lm: LanguageModel | None, special: SpecialTokens | None,
+                target: int) -> None:
+        """Before the cache is extended to `target` sequences, drop a trailing partial shard
+        (it is recut); drop stray temp files; record the tokenizer (none for synthetic
+        activations)."""
+        if not self.exhausted and self.n_sequences < target:
+            keep = self.full_shards()
+            self.shards, self.stats, self.exhausted = self.shards[:keep], self.stats[:keep], False
+            self.damaged = {i: why for i, why in self.damaged.items() if i < keep}
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()
@@ -239,15 +248,24 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
             note_changed_corpus(spec)
         if req.dataset.source == "synthetic":
             for writer in writers:
-                writer.prepare(None, None)
+                writer.prepare(None, None, target)
             _write_synthetic_shards(req, writers, target)
-            return [w.dir for w in writers]
+            return finished_dirs(writers)
         lm = lm or load_language_model(req.model, resolve_device(req.cache.device))
         special = SpecialTokens.for_tokenizer(lm.tokenizer, req.model.prepend_bos)
         lm.tokenizer.model_max_length = 1 << 30  # we cut sequences ourselves
         for writer in writers:
-            writer.prepare(lm, special)
+            writer.prepare(lm, special, target)
         _write_shards(req, lm, special, writers, target, docs)
+    return finished_dirs(writers)
+
+
+def finished_dirs(writers: list[LayerWriter]) -> list[Path]:
+    """The layer folders, once no listed shard is left damaged (a text that ran out before
+    a damaged shard could not recompute it)."""
+    left = [why for w in writers for why in w.damaged.values()]
+    if left:
+        raise CacheCorruptError("could not recompute: " + "; ".join(left))
     return [w.dir for w in writers]
 
 
@@ -260,7 +278,10 @@ def note_changed_corpus(spec) -> None:
             f"{spec.dataset.name}-*/ctx*/layer*/manifest.json")):
         if manifest.is_relative_to(spec.group_dir()):
             continue
-        old = json.loads(manifest.read_text()).get("dataset", {})
+        try:
+            old = json.loads(manifest.read_text()).get("dataset", {})
+        except (OSError, ValueError, AttributeError):  # another cache's problem, not this one's
+            continue
         if old.get("paths") == identity["paths"] and (changes := corpus_changes(old, identity)):
             log.warning("dataset.paths: the corpus differs from the one cached in %s (%s): "
                         "building a new cache in %s", manifest.parent.parent,
@@ -271,6 +292,7 @@ def note_changed_corpus(spec) -> None:
 def _write_shards(req, lm, special, writers, target, docs) -> None:
     size, context = req.cache.shard_sequences, req.context_size
     n_shards = math.ceil(target / size)
+    last = max([n_shards] + [i + 1 for w in writers for i in w.damaged])  # damaged beyond too
     blocks = iter_sequence_blocks(docs if docs is not None else iter_documents(req.dataset),
                                   lm.tokenizer, special, context, req.dataset.pack, size)
     written = 0  # sequences of the text up to the current shard
@@ -278,12 +300,15 @@ def _write_shards(req, lm, special, writers, target, docs) -> None:
                desc=f"caching {req.model.name} layers {req.layers}", dynamic_ncols=True)
     with ShardWrites(background=lm.device.type != "cpu") as writes, bar:
         for index, (tokens, mask) in enumerate(blocks):
-            if index >= n_shards:
+            if index >= last:
                 break
-            keep = min(len(tokens), target - index * size)
-            written = index * size + keep
-            bar.update(keep * context)
-            todo = [w for w in writers if w.needs(index)]  # new shards, or damaged ones
+            todo = [w for w in writers if w.needs(index, n_shards)]  # new, or damaged
+            repaired = [w for w in todo if index in w.damaged]
+            keep = (repaired[0].listed_n_seq(index) if repaired  # as many as it held
+                    else min(len(tokens), target - index * size))
+            if index < n_shards:
+                written = index * size + min(len(tokens), target - index * size)
+                bar.update(min(len(tokens), target - index * size) * context)
             if not todo:
                 continue
             tokens, mask = tokens[:keep], mask[:keep]
@@ -306,12 +331,15 @@ def _write_synthetic_shards(req, writers, target) -> None:
     """Planted-feature activations (posae/data/synthetic.py) in the same shard format."""
     size, context = req.cache.shard_sequences, req.context_size
     source = SyntheticActivations(req.dataset.synthetic, context)
-    for index in tqdm(range(math.ceil(target / size)), desc="generating synthetic shards",
-                      dynamic_ncols=True):
-        todo = [w for w in writers if w.needs(index)]  # new shards, or damaged ones
+    n_shards = math.ceil(target / size)
+    last = max([n_shards] + [i + 1 for w in writers for i in w.damaged])  # damaged beyond too
+    for index in tqdm(range(last), desc="generating synthetic shards", dynamic_ncols=True):
+        todo = [w for w in writers if w.needs(index, n_shards)]  # new, or damaged
         if not todo:
             continue
-        n_seq = min(size, target - index * size)
+        repaired = [w for w in todo if index in w.damaged]
+        n_seq = (repaired[0].listed_n_seq(index) if repaired  # as many as it held
+                 else min(size, target - index * size))
         acts, _ = source.shard(index, n_seq)
         tokens = np.zeros((n_seq, context), np.int32)
         mask = np.ones((n_seq, context), bool)

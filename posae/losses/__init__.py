@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from posae.config import ConfigError
 from posae.losses.base import Coefficient, LossTerm, StepContext
@@ -23,8 +23,10 @@ def check_targets(node, key: str, base: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise ConfigError(f"{key}: {target} is not a {base.__name__}")
     for child, value in node.items():
-        if isinstance(value, DictConfig):
-            check_targets(value, f"{key}.{child}", Coefficient)
+        for i, item in enumerate(value if isinstance(value, ListConfig) else [value]):
+            if isinstance(item, DictConfig):  # Hydra instantiates inside lists too
+                where = f"{key}.{child}[{i}]" if isinstance(value, ListConfig) else f"{key}.{child}"
+                check_targets(item, where, Coefficient)
 
 
 def build_loss_terms(loss_cfg: DictConfig) -> dict[str, LossTerm]:
