@@ -17,6 +17,8 @@ import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from posae.cli import CONFIG_PATH, exit_on_user_error, log
@@ -182,6 +184,8 @@ def train_in(cfg: DictConfig, run_dir: Path, accelerator: Accelerator) -> None:
                   f"the last checkpoint, from before, is kept: {kept}" if kept else
                   "no checkpoint was written before it")
         logger.finish()
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra runs the sweep's other jobs, then fails the sweep with this
         sys.exit(TRAINING_FAILED)
 
     if accelerator.is_main_process:

@@ -133,6 +133,8 @@ def test_a_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_o
     assert again.returncode == 0, again.output[-3000:]
     assert f"skipped a corrupt checkpoint: {state}" in again.output
     assert "resuming" in again.output and "from step 15 (step_0000015)" in again.output
+    # set aside, out of the rotation that keeps the newest checkpoints
+    assert (run_dir / "checkpoints" / ".corrupt_step_0000020").is_dir()
     after = load_file(run_dir / "sae" / "sae_weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -149,23 +151,40 @@ def test_resuming_with_no_intact_checkpoint_exits_2_naming_the_files(tmp_path, c
     assert "step_0000010/state.pt" in again.output and "step_0000020/state.pt" in again.output
 
 
-@pytest.mark.parametrize("lr", ["1e30", "1e6"])  # non-finite loss; finite, FVU ~1e20
-def test_a_diverging_run_stops_before_saving_it_and_exits_non_zero(tmp_path, cache_root, lr):
-    """Warmup reaches the divergent lr after a few finite steps, each checkpointed; the
-    run stops at the first bad step, saves no model, and keeps only finite checkpoints."""
+def test_a_diverging_job_fails_its_sweep_after_the_other_jobs_ran(tmp_path, cache_root):
+    sweep = tmp_path / "sweep"
+    result = run_module("posae.train", "-m", *TINY, "optim.lr=1e30,0.002",
+                        f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}")
+    assert result.returncode != 0, result.output[-3000:]
+    assert "TrainingDiverged" in result.output
+    assert not (sweep / "0" / "sae").exists() and (sweep / "1" / "sae").exists()
+
+
+@pytest.mark.parametrize("overrides, kept_one", [
+    (["optim.lr=1e30"], False),  # non-finite at once
+    (["optim.lr=1e6"], False),  # finite weights of 1e5 after one step, FVU ~1e20
+    # TopK (no dead collapse) with a 19-step warmup to lr 100: one sane step, then FVU 1e6
+    (["variant=topk", "variant.k=8", "optim.lr=100", "optim.warmup_steps=19"], True),
+])
+def test_a_diverging_run_stops_before_saving_it_and_exits_non_zero(tmp_path, cache_root,
+                                                                   overrides, kept_one):
+    """Checkpointing every step: the run stops at the first step whose loss or weights
+    diverged, before a checkpoint of them; it saves no model, keeps (and names) the last
+    sane checkpoint if there is one, and exits 3."""
     run_dir = tmp_path / "run"
-    result = run_module("posae.train", *TINY, f"optim.lr={lr}", "trainer.checkpoint_every=1",
+    result = run_module("posae.train", *TINY, *overrides, "trainer.checkpoint_every=1",
                         "trainer.keep_checkpoints=2", f"cache.root={cache_root}",
                         f"hydra.run.dir={run_dir}")
     assert result.returncode == 3, result.output[-3000:]
-    assert re.search(r"TrainingDiverged: training diverged at step \d+: loss", result.output)
-    assert "the last checkpoint, from before, is kept" in result.output
+    assert re.search(r"TrainingDiverged: training diverged at step \d+: (loss|the weights)",
+                     result.output)
     assert not (run_dir / "sae").exists() and not (run_dir / "train_summary.json").exists()
     kept = sorted((run_dir / "checkpoints").glob("step_*"))
-    assert kept, "the finite steps before the divergence were checkpointed"
-    for checkpoint in kept:
+    assert bool(kept) == kept_one
+    assert ("the last checkpoint, from before, is kept" in result.output) == kept_one
+    for checkpoint in kept:  # sane weights, not merely finite ones
         state = load_checkpoint(checkpoint, torch.device("cpu"))
-        assert all(torch.isfinite(v).all() for v in state["sae"].values()), checkpoint
+        assert all(v.abs().max() < 1e3 for v in state["sae"].values()), checkpoint
 
 
 @pytest.mark.slow

@@ -86,12 +86,16 @@ def resume_state(run_dir: Path, device: torch.device) -> tuple[Path, dict] | Non
         try:
             state = load_checkpoint(path, device)
         except CheckpointCorrupt as err:
-            bad.append(str(err))
+            bad.append((path, str(err)))
             continue
-        for reason in bad:
-            log.warning("skipped a corrupt checkpoint: %s; resuming from %s instead", reason,
-                        path)
+        for corrupt, reason in bad:  # set aside: kept for inspection, out of the rotation
+            aside = corrupt.with_name(f".corrupt_{corrupt.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            corrupt.rename(aside)
+            log.warning("skipped a corrupt checkpoint: %s; moved to %s; resuming from %s",
+                        reason, aside, path)
         return path, state
     if bad:
-        raise CheckpointCorrupt("no intact checkpoint to resume from: " + "; ".join(bad))
+        raise CheckpointCorrupt("no intact checkpoint to resume from: "
+                                + "; ".join(reason for _, reason in bad))
     return None

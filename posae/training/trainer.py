@@ -109,6 +109,7 @@ class Trainer:
         self.stop_signal = 0
         self.last_stats: dict[str, float] = {}
         self.resampled = {"resample/rounds": 0.0}
+        self.last_batch = None  # the last step's last micro-batch (checked before a save)
         self.step_log = StepLog(run_dir, accelerator.is_main_process)
 
     # ----- state -------------------------------------------------------------------------
@@ -143,8 +144,10 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"].cpu())
 
     def check_finite(self, stats: dict[str, float] | None = None) -> None:
-        """Raise `TrainingDiverged` if the step's loss or FVU (`stats`) or, without them, a
-        parameter is non-finite or the FVU exceeds DIVERGED_FVU."""
+        """Raise `TrainingDiverged` if the step's loss is non-finite or its FVU (`stats`,
+        measured before the step's update) exceeds DIVERGED_FVU; without `stats`, before a
+        checkpoint or the final save, if a parameter is non-finite or the current weights'
+        FVU on the last batch does (the update just made is checked before it is kept)."""
         if stats is not None:
             loss, fvu = stats["loss/total"], stats["fvu"]
             if not (math.isfinite(loss) and fvu < DIVERGED_FVU):  # NaN fails the comparison
@@ -153,6 +156,13 @@ class Trainer:
         for name, param in self.sae.named_parameters():
             if not torch.isfinite(param).all():
                 raise TrainingDiverged(self.step, f"parameter {name} holds non-finite values")
+        if self.last_batch is not None:
+            fvu = 1 - self._explained_variance(self.last_batch)
+            worst = self.accelerator.reduce(torch.tensor(fvu, device=self.accelerator.device),
+                                            "max").item()
+            if not worst < DIVERGED_FVU:
+                raise TrainingDiverged(self.step, f"the weights after this step have FVU "
+                                                  f"{worst:.4g} on its batch")
 
     def save_checkpoint(self) -> None:
         # apply state an SAE keeps pending for its next step (PA-SAE's recorded gradients,
@@ -199,6 +209,7 @@ class Trainer:
         if self.sae.cfg.normalize_decoder:
             self.sae.normalize_decoder_()
         stats = self._global_stats(local, list(values), coefs, n_global)
+        self.last_batch = batch
         self.step += 1
         if self.resampling_due():
             self._resample(batch, out.x_hat.detach())
