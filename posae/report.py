@@ -69,12 +69,20 @@ def job_overrides(job: Path) -> list[str]:
     return yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
 
 
-def run_label(job: Path) -> str:
-    """The job's sweep overrides, e.g. `+tc_sae_run=window_3` → `window_3`."""
+def run_label(job: Path, swept_keys: set[str]) -> str:
+    """The job's run, e.g. `+tc_sae_run=window_3` → `window_3`; in a sweep without a
+    `_run` group, its values of the keys the sweep varies (`swept_keys`), e.g.
+    `variant=topk,seed=1`, so that overrides a relaunch adds (resume=auto) do not matter."""
     overrides = job_overrides(job)
-    swept = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=")[0].endswith("_run")]
-    points = [o for o in overrides if o.lstrip("+").startswith("matched_point=")]
-    return ",".join(swept) or ",".join(o for o in overrides if o not in points) or job.name
+    runs = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=")[0].endswith("_run")]
+    varied = [o for o in overrides if o.split("=", 1)[0] in swept_keys]
+    return ",".join(runs) or ",".join(varied) or job.name
+
+
+def swept_keys(config: dict) -> set[str]:
+    """Keys the sweep's command gave several values (`variant=relu,topk`)."""
+    parsed = OverridesParser.create().parse_overrides(config["hydra"]["overrides"]["task"])
+    return {o.get_key_element() for o in parsed if o.is_sweep_override()}
 
 
 def point_name(job: Path) -> str | None:
@@ -113,13 +121,11 @@ def expected_runs(config: dict, declared: bool = False) -> list[str]:
 
 def plain_sweep_labels(task: list[str]) -> list[str]:
     """The labels (`run_label`) of every job of a sweep without a `_run` group, e.g.
-    `-m variant=relu,topk seed=0,1`: the product of the overrides' values, in Hydra's
-    order."""
+    `-m variant=relu,topk seed=0,1`: the product of the swept values, in Hydra's order."""
     parsed = OverridesParser.create().parse_overrides(task)
-    choices = [[f"{o.get_key_element()}={v}" for v in (
-        o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()])]
-        for o in parsed]
-    return [",".join(combo) for combo in itertools.product(*choices)]
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+               for o in parsed if o.is_sweep_override()]
+    return [",".join(combo) for combo in itertools.product(*choices)] if choices else []
 
 
 def run_metrics(job: Path) -> tuple[dict, dict | None]:
@@ -177,13 +183,15 @@ def collect(sweep: Path, config: dict) -> Collected:
                   key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
                                  p.name))
     rows, broken = [], []
+    varied = swept_keys(config)
     for job in jobs:
         if (job / "metrics.json").exists():
             try:
                 metrics, provenance = run_metrics(job)
-                rows.append({"run": run_label(job), "job": job, "metrics": metrics,
+                label = run_label(job, varied)
+                rows.append({"run": label, "job": job, "metrics": metrics,
                              "provenance": provenance, "point": matched_point(job),
-                             "key": job_key(run_label(job), point_name(job))})
+                             "key": job_key(label, point_name(job))})
             except (OSError, ValueError, yaml.YAMLError) as err:
                 broken.append(f"{job}: {str(err).splitlines()[0]}")
     folders: dict[str, list[str]] = {}

@@ -328,3 +328,18 @@ def test_a_second_training_into_a_held_run_folder_is_refused_and_changes_nothing
     resumed = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "variant=topk" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten_by_a_fresh_launch(tmp_path,
+                                                                                cache_root):
+    """Shorter than `checkpoint_every`, a run leaves no checkpoint; its folder still holds
+    a run, which a fresh launch must not replace."""
+    run_dir = tmp_path / "run"
+    first = run_module("posae.train", *TINY, f"cache.root={cache_root}",
+                       f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0 and not list((run_dir / "checkpoints").glob("step_*"))
+    kept = (run_dir / "run_config.yaml").read_text()
+    again = run_module("posae.train", *TINY, "variant=topk", f"cache.root={cache_root}",
+                       f"hydra.run.dir={run_dir}")
+    assert again.returncode == 2 and "already holds a run" in again.output
+    assert (run_dir / "run_config.yaml").read_text() == kept

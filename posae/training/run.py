@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -83,10 +84,14 @@ def run_name_and_group(run_dir: Path) -> tuple[str, str | None]:
 
 
 def finished(run_dir: Path) -> bool:
-    """The run in this folder trained and was evaluated (or needs no evaluation)."""
-    return (run_dir / "metrics.json").exists() or (
-        (run_dir / "train_summary.json").exists() and (run_dir / RUN_CONFIG).exists()
-        and not OmegaConf.load(run_dir / RUN_CONFIG).eval.enabled)
+    """The run in this folder trained and was evaluated (a metrics.json that parses), or
+    needs no evaluation."""
+    try:
+        return isinstance(json.loads((run_dir / "metrics.json").read_text()), dict)
+    except (OSError, ValueError):
+        pass
+    return ((run_dir / "train_summary.json").exists() and (run_dir / RUN_CONFIG).exists()
+            and not OmegaConf.load(run_dir / RUN_CONFIG).eval.enabled)
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -127,10 +132,12 @@ def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfi
     (a relaunched sweep; `finished` tells which jobs to skip).
     """
     saved = run_dir / RUN_CONFIG
-    if cfg.resume == "auto":
+    auto = cfg.resume == "auto"
+    if auto:  # not finished (main skips those): continue from a checkpoint, or start over
         cfg.resume = bool(saved.exists() and latest_checkpoint(run_dir))
     if not cfg.resume:
-        if saved.exists() and latest_checkpoint(run_dir):
+        trained = latest_checkpoint(run_dir) or (run_dir / "train_summary.json").exists()
+        if not auto and saved.exists() and trained:
             raise ConfigError(f"hydra.run.dir: {run_dir} already holds a run; pass resume=true to "
                               f"continue it or choose another folder")
         if is_main:
