@@ -155,13 +155,8 @@ def dataset_config(node: Any) -> DatasetConfig:
 
 
 def cache_config(node: Any) -> CacheConfig:
-    import torch
-
     cfg = typed(node, CacheConfig, "cache")
     _choice(cfg.dtype, STORAGE_DTYPES, "cache.dtype")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"cache.device={cfg.device}: this machine has no CUDA device; use "
-                          f"cache.device=auto (the GPU where there is one) or cpu")
     for key in ("shard_sequences", "batch_sequences"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"cache.{key}: must be a positive integer, got {getattr(cfg, key)}")
@@ -396,9 +391,9 @@ def trainer_config(node: Any, context_size: int) -> TrainerConfig:
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:  # ≤ 0 would ascend the gradient
         raise ConfigError(f"trainer.grad_clip: must be positive or null (no clipping), "
                           f"got {cfg.grad_clip}")
-    if cfg.resample_every < 0 or not 0 <= cfg.resample_fraction <= 1 \
-            or not cfg.resample_gamma >= 0:
-        raise ConfigError(f"trainer.resample_every ≥ 0, resample_fraction in [0, 1] and "
-                          f"resample_gamma ≥ 0, got {cfg.resample_every}, "
-                          f"{cfg.resample_fraction}, {cfg.resample_gamma}")
+    for key, ok, rule in (("resample_every", cfg.resample_every >= 0, "non-negative"),
+                          ("resample_fraction", 0 <= cfg.resample_fraction <= 1, "in [0, 1]"),
+                          ("resample_gamma", cfg.resample_gamma >= 0, "non-negative")):
+        if not ok:
+            raise ConfigError(f"trainer.{key}: must be {rule}, got {getattr(cfg, key)}")
     return cfg

@@ -43,11 +43,11 @@ def cpu_name() -> str:
 
 
 @functools.cache
-def code_at_first_run() -> dict:
+def code_at_first_run(directory: Path = PACKAGE_DIR) -> dict:
     """`git_commit()` read once per process, at its first run: a Hydra multirun trains
     every job in one process, on the code it imported then, so a commit made while the
     sweep runs must not be credited to its later jobs."""
-    return git_commit()
+    return git_commit(directory)
 
 
 def provenance(device: torch.device) -> dict:

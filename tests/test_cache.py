@@ -191,6 +191,21 @@ def test_a_manifest_of_the_wrong_structure_is_refused_naming_the_field(minilm, t
         build_cache(req, lm=minilm)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cache_device_cuda_without_cuda_is_refused_only_when_something_must_be_built(
+        minilm, tmp_path):
+    complete = small_cache_request(tmp_path, layers=(1,))
+    build_cache(complete, lm=minilm)
+    on_cuda = small_cache_request(tmp_path, layers=(1,), extra=["cache.device=cuda"])
+    on_cuda.cache.device = "cuda"  # (small_cache_request sets cpu)
+    assert build_cache(on_cuda)  # complete: no model to load, no device needed
+    missing = small_cache_request(tmp_path / "other", layers=(1,))
+    missing.cache.device = "cuda"
+    with pytest.raises(CacheError, match="cache.device=cuda: this machine has no CUDA device"):
+        build_cache(missing)
+    assert not list((tmp_path / "other").rglob("manifest.json"))
+
+
 CACHE_ARGS = ["layers=[1,3]", "context_size=32", "cache.shard_sequences=4",
               "cache.batch_sequences=4", "cache.device=cpu", f"n_tokens={48 * 32}"]
 

@@ -146,15 +146,13 @@ def test_schedules_that_end_after_the_run_are_named():
     ("trainer.grad_clip=-1", "trainer.grad_clip"),  # would ascend the gradient
     ("trainer.grad_clip=0", "trainer.grad_clip"),
     ("trainer.window=0", "trainer.window"),         # once read as "whole sequences"
-    ("trainer.resample_fraction=1.5", "trainer.resample_every"),
+    ("trainer.resample_fraction=1.5", "trainer.resample_fraction"),
     ("optim.betas=[0.9,1.0]", "optim.betas"),
     ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ("optim.warmup_steps=-5", "optim.warmup_steps"),
     ("loss.l1.coef=-0.1", "loss.l1"),                # a negative penalty rewards density
     ("loss.l1.warmup_steps=-5", "loss.l1"),
     ("trainer.eval_fraction=0.999", "trainer.eval_fraction"),  # no training sequences left
-    pytest.param("cache.device=cuda", "cache.device", marks=pytest.mark.skipif(
-        __import__("torch").cuda.is_available(), reason="needs a machine without CUDA")),
     ("+unknown=1", "unknown: no such top-level key"),
 ])
 def test_settings_that_would_train_backwards_or_not_at_all_are_refused_when_read(override, key):

@@ -124,6 +124,8 @@ def test_text_files_errors_name_the_key_and_file(tmp_path):
     ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", r"binary\.txt is not UTF-8 text"),
     ("rows.jsonl", b'{"text": "fine"}\n{"text": broken\n', r"rows\.jsonl:2: not a JSON object"),
     ("rows.jsonl", b'{"text": "fine"}\n["a list"]\n', r"rows\.jsonl:2: not a JSON object"),
+    ("rows.jsonl", b'{"text": "fine"}\n' * 100 + b'{"text": "\xff"}\n',
+     r"rows\.jsonl:101 is not UTF-8"),
 ])
 def test_an_unreadable_text_file_is_named_with_its_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)

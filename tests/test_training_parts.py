@@ -176,7 +176,10 @@ def test_provenance_names_the_commit_and_whether_the_code_differs_from_it(tmp_pa
     (package / "code.py").write_text("x = 2\n")
     assert git_commit(package) == {"commit": clean["commit"], "dirty": True}
     assert provenance(torch.device("cpu"))["device"] == "cpu"
-    # one process, one code: a multirun's later jobs keep the commit its first job found
-    first = provenance(torch.device("cpu"))
-    assert provenance(torch.device("cpu"))["commit"] == first["commit"]
-    assert code_at_first_run.cache_info().misses == 1
+    # one process, one code: a multirun's later jobs keep the commit its first job found,
+    # though a commit was made since
+    first = code_at_first_run(package)
+    (package / "code.py").write_text("x = 3\n")
+    git("commit", "-q", "-am", "second")
+    assert git_commit(package)["commit"] != first["commit"]
+    assert code_at_first_run(package) == first

@@ -29,13 +29,13 @@ import torch
 
 from posae.config import CacheRequest, DatasetConfig, ModelConfig
 from posae.data.text import source_identity
+from posae.hashing import file_sha256
 from posae.models.hooks import hook_name
 from posae.models.lm import expected_revision
 
 SCHEMA_VERSION = 1
 ARRAYS = ("acts", "tokens", "mask", "stats")
 NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.int16, "float32": np.float32}
-HASH_CHUNK = 16 << 20
 
 
 class CacheError(Exception):
@@ -197,14 +197,6 @@ def shard_problem(folder: Path, shard: dict, verify: bool) -> str | None:
         if verify and file_sha256(path) != record["sha256"]:
             return f"{path} fails its sha256 check: the shard is corrupt"
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:

@@ -251,6 +251,9 @@ def build_cache(req: CacheRequest, lm: LanguageModel | None = None,
                 writer.prepare(None, None, target)
             _write_synthetic_shards(req, writers, target)
             return finished_dirs(writers)
+        if lm is None and req.cache.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CacheError(f"cache.device={req.cache.device}: this machine has no CUDA "
+                             f"device to build {spec.group_dir()}; use cache.device=auto or cpu")
         lm = lm or load_language_model(req.model, resolve_device(req.cache.device))
         special = SpecialTokens.for_tokenizer(lm.tokenizer, req.model.prepend_bos)
         lm.tokenizer.model_max_length = 1 << 30  # we cut sequences ourselves

@@ -76,6 +76,9 @@ def text_pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
+_END_OF_BATCH = object()  # flushes the batched short documents
+
+
 def _token_pieces(docs: Iterable[str], tokenizer) -> Iterator[tuple[list[int], bool]]:
     """(token ids, whether the document ends here), in order: short documents tokenised in
     batches, a long one piece by piece (`text_pieces`), lazily."""
@@ -85,13 +88,13 @@ def _token_pieces(docs: Iterable[str], tokenizer) -> Iterator[tuple[list[int], b
     docs = iter(docs)
     while batch := list(islice(docs, TOKENIZE_BATCH)):
         short: list[str] = []
-        for doc in [*batch, None]:  # None: flush the short ones at the end of the batch
-            if doc is not None and len(doc) <= CHUNK_CHARS:
+        for doc in [*batch, _END_OF_BATCH]:
+            if doc is not _END_OF_BATCH and len(doc) <= CHUNK_CHARS:
                 short.append(doc)
                 continue
             yield from ((ids, True) for ids in (tokenize(short) if short else []))
             short = []
-            if doc is not None:
+            if doc is not _END_OF_BATCH:
                 for piece in text_pieces(doc):
                     yield tokenize([piece])[0], False
                 yield [], True

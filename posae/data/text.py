@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from posae.config import ConfigError, DatasetConfig
 from posae.data.stdlib_docs import iter_stdlib_docstrings, stdlib_version
+from posae.hashing import file_sha256
 
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -41,11 +41,7 @@ def file_identity(path: Path) -> dict:
 @functools.cache
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     """Hashed once per process and version of the file (size and mtime in the key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(path))
 
 
 def corpus_changes(old: dict, new: dict) -> list[str]:
@@ -87,23 +83,22 @@ def iter_text_file(path: Path, text_field: str) -> Iterator[str]:
             raise ConfigError(f"dataset.paths: {path} is not UTF-8 text (byte {err.start}); "
                               f"a binary file?") from None
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            number = 0
-            try:
-                for number, line in enumerate(lines, 1):
-                    if line.strip():
-                        row = json.loads(line)
-                        if not isinstance(row, dict):
-                            raise ValueError("not a JSON object")
-                        yield _field(row, text_field, f"{path}:{number}")
-            except ConfigError:  # a missing text_field, already named
-                raise
-            except UnicodeDecodeError:
-                raise ConfigError(f"dataset.paths: {path}:{number + 1} is not UTF-8 "
-                                  f"text") from None
-            except ValueError as err:  # json.JSONDecodeError included
-                raise ConfigError(f"dataset.paths: {path}:{number}: not a JSON object per "
-                                  f"line ({err})") from None
+        with path.open("rb") as lines:  # decoded line by line, so an error names its line
+            for number, raw in enumerate(lines, 1):
+                try:
+                    row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+                except UnicodeDecodeError:
+                    raise ConfigError(f"dataset.paths: {path}:{number} is not UTF-8 "
+                                      f"text") from None
+                except ValueError as err:  # json.JSONDecodeError
+                    raise ConfigError(f"dataset.paths: {path}:{number}: not a JSON object "
+                                      f"per line ({err})") from None
+                if row is None:
+                    continue
+                if not isinstance(row, dict):
+                    raise ConfigError(f"dataset.paths: {path}:{number}: not a JSON object "
+                                      f"per line (a {type(row).__name__})")
+                yield _field(row, text_field, f"{path}:{number}")
     else:
         import pyarrow.parquet as pq
 

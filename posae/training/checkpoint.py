@@ -11,12 +11,13 @@ verifies and loads, and names every newer one it had to pass over.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
 
 import torch
+
+from posae.hashing import file_sha256
 
 STATE_FILE = "state.pt"
 CHECKSUM_FILE = STATE_FILE + ".sha256"
@@ -32,14 +33,6 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -48,7 +41,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / STATE_FILE)
-    (tmp / CHECKSUM_FILE).write_text(sha256(tmp / STATE_FILE) + "\n")
+    (tmp / CHECKSUM_FILE).write_text(file_sha256(tmp / STATE_FILE) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(root.glob("step_*"))[:-keep]:
@@ -66,7 +59,7 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     """The state in checkpoint folder `path`, after checking its sha256 (checkpoints written
     before checksums existed are only loaded); CheckpointCorrupt names the file."""
     state_file, checksum = path / STATE_FILE, path / CHECKSUM_FILE
-    if checksum.exists() and sha256(state_file) != checksum.read_text().strip():
+    if checksum.exists() and file_sha256(state_file) != checksum.read_text().strip():
         raise CheckpointCorrupt(f"{state_file}: its sha256 differs from the one saved with it "
                                 f"({checksum})")
     try:
