@@ -23,7 +23,9 @@ from posae.config import ConfigError
 TOKENIZE_BATCH = 256
 # A longer document is tokenised in pieces of about this many characters, each cut just
 # before a run of whitespace (where tokenizers split anyway), one piece at a time, so that
-# memory stays flat and tokenising stops when the cache has its tokens.
+# memory stays flat and tokenising stops when the cache has its tokens. Text sources that
+# may hold such documents record the cut in their cache identity; the stdlib docstrings
+# hold none (the longest is ~52k characters).
 CHUNK_CHARS = 1 << 16
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from posae.config import ConfigError, DatasetConfig
+from posae.data.sequences import CHUNK_CHARS
 from posae.data.stdlib_docs import iter_stdlib_docstrings, stdlib_version
 from posae.hashing import file_sha256
 
@@ -28,6 +29,8 @@ def source_identity(ds: DatasetConfig) -> dict:
     else:
         identity.update(paths=list(ds.paths), text_field=ds.text_field,
                         files=[file_identity(path) for path in expand_paths(list(ds.paths))])
+    if ds.source in ("hf", "text_files"):  # a cache is never extended under another cut
+        identity["long_documents"] = f"tokenised in pieces of {CHUNK_CHARS} characters"
     return identity
 
 
