@@ -171,24 +171,27 @@ def test_a_complete_cache_that_cannot_be_written_is_used_read_only(minilm, tmp_p
         build_cache(more, lm=minilm)
 
 
-@pytest.mark.parametrize("damage, message", [
+MANIFEST_DAMAGE = [
     (lambda m: m.pop("shards"), "field 'shards' is missing or not a list"),
     (lambda m: m.update(n_sequences="many"), "field 'n_sequences' is missing or not a int"),
     (lambda m: m["shards"][1].pop("n_seq"), r"shards\[1\] lacks an integer index and n_seq"),
     (lambda m: m["shards"][0]["files"]["acts"].pop("sha256"),
      r"shards\[0\]\.files\.acts lacks its name, sha256 and bytes"),
-])
-def test_a_manifest_of_the_wrong_structure_is_refused_naming_the_field(minilm, tmp_path,
-                                                                       damage, message):
+]
+
+
+def test_a_manifest_of_the_wrong_structure_is_refused_naming_the_field(minilm, tmp_path):
     req = small_cache_request(tmp_path, layers=(1,))
     [layer_dir] = build_cache(req, lm=minilm)
-    manifest = json.loads((layer_dir / "manifest.json").read_text())
-    damage(manifest)
-    (layer_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheCorruptError, match=rf"manifest\.json: {message}"):
-        ActivationCache.open(CacheSpec.from_request(req), 1)
-    with pytest.raises(CacheCorruptError, match=rf"manifest\.json: {message}"):
-        build_cache(req, lm=minilm)
+    intact = (layer_dir / "manifest.json").read_text()
+    for damage, message in MANIFEST_DAMAGE:
+        manifest = json.loads(intact)
+        damage(manifest)
+        (layer_dir / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CacheCorruptError, match=rf"manifest\.json: {message}"):
+            ActivationCache.open(CacheSpec.from_request(req), 1)
+        with pytest.raises(CacheCorruptError, match=rf"manifest\.json: {message}"):
+            build_cache(req, lm=minilm)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

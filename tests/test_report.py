@@ -174,30 +174,25 @@ def test_report_of_a_partly_finished_sweep_names_the_missing_runs_and_logs_to_wa
 
 def test_a_plain_sweep_counts_its_missing_jobs_and_skips_an_unreadable_one(tmp_path,
                                                                            cache_root):
-    """`-m variant=relu,topk seed=0,1` without an experiment: four jobs expected; one never
-    finished, one whose metrics.json is garbage is skipped and named, not fatal."""
+    """`-m variant=relu,topk` without an experiment: two jobs expected; one never finished,
+    one whose metrics.json is garbage is skipped and named, not fatal. Relaunched with
+    resume=auto, both run again and count under their first labels."""
     sweep = tmp_path / "sweep"
-    command = ["posae.train", "-m", "variant=relu,topk", "seed=0,1", *TINY,
-               f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}"]
+    command = ["posae.train", "-m", "variant=relu,topk", *TINY, f"cache.root={cache_root}",
+               f"hydra.sweep.dir={sweep}"]
     result = run_module(*command, timeout=900)
     assert result.returncode == 0, result.output[-3000:]
-    labels = {yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[0]
-              + "," + yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[1]: job
-              for job in sweep.iterdir() if (job / ".hydra").is_dir()}
-    (labels["variant=topk,seed=1"] / "metrics.json").unlink()
-    (labels["variant=relu,seed=1"] / "metrics.json").write_text("{not json")
+    (sweep / "1" / "metrics.json").unlink()  # topk: not finished
+    (sweep / "0" / "metrics.json").write_text("{not json")  # relu: broken
     report = run_module("posae.report", str(sweep))
     assert report.returncode == 0, report.output
-    assert "2 runs reported, 2 missing" in report.output
-    assert "variant=topk,seed=1" in report.output and "variant=relu,seed=1" in report.output
-    assert f"1 skipped, unreadable: {labels['variant=relu,seed=1']}: " in report.output
+    assert "0 runs reported, 2 missing: variant=relu, variant=topk" in report.output
+    assert f"1 skipped, unreadable: {sweep / '0'}: " in report.output
     assert "Skipped, files that do not parse:" in (sweep / "report.md").read_text()
-    # relaunched with resume=auto (multirun.yaml now holds it, the first jobs' labels not):
-    # the two unfinished jobs run again, and every job counts under its first label
     again = run_module(*command, "resume=auto", timeout=900)
     assert again.returncode == 0, again.output[-3000:]
     report = run_module("posae.report", str(sweep))
-    assert "4 runs reported, 0 missing" in report.output, report.output
+    assert "2 runs reported, 0 missing" in report.output, report.output
 
 
 def test_report_refuses_a_folder_that_is_not_a_sweep(tmp_path):

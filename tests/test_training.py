@@ -112,11 +112,12 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cache_root, kill)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
 def test_a_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one(
-        tmp_path, cache_root, damage):
-    """Steps 15 and 20 are checkpointed; the newest is damaged; resume=true says which file
-    it skipped, continues from step 15 and ends with the same weights as before."""
+        tmp_path, cache_root):
+    """Steps 15 and 20 are checkpointed; the newest gets a flipped byte (it would still
+    load, to other weights); resume=true says which file it skipped, sets it aside,
+    continues from step 15 and ends with the same weights. Then, with every checkpoint
+    damaged, resuming exits 2 naming them."""
     run_dir = tmp_path / "run"
     first = run_module("posae.train", *TINY, "trainer.checkpoint_every=5",
                        f"cache.root={cache_root}", f"hydra.run.dir={run_dir}")
@@ -124,10 +125,8 @@ def test_a_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_o
     before = load_file(run_dir / "sae" / "sae_weights.safetensors")
     state = run_dir / "checkpoints" / "step_0000020" / "state.pt"
     data = bytearray(state.read_bytes())
-    if damage == "flip":  # inside the tensors' bytes: the file still loads, to other weights
-        data[len(data) // 2] ^= 0xFF
-    state.write_bytes({"flip": bytes(data), "truncate": bytes(data[: len(data) // 2]),
-                       "empty": b"", "garbage": b"not a checkpoint" * 100}[damage])
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
     (run_dir / "train_summary.json").unlink()
     again = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.output[-3000:]
@@ -137,18 +136,13 @@ def test_a_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_o
     assert (run_dir / "checkpoints" / ".corrupt_step_0000020").is_dir()
     after = load_file(run_dir / "sae" / "sae_weights.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_resuming_with_no_intact_checkpoint_exits_2_naming_the_files(tmp_path, cache_root):
-    run_dir = tmp_path / "run"
-    assert run_module("posae.train", *TINY, "trainer.checkpoint_every=10",
-                      f"cache.root={cache_root}", f"hydra.run.dir={run_dir}").returncode == 0
-    for state in (run_dir / "checkpoints").glob("step_*/state.pt"):
-        state.write_bytes(b"")
-    again = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
-    assert again.returncode == 2, again.output[-3000:]
-    assert "no intact checkpoint to resume from" in again.output
-    assert "step_0000010/state.pt" in again.output and "step_0000020/state.pt" in again.output
+    for damaged in (run_dir / "checkpoints").glob("step_*/state.pt"):
+        damaged.write_bytes(b"")
+    (run_dir / "train_summary.json").unlink()
+    none_left = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
+    assert none_left.returncode == 2, none_left.output[-3000:]
+    assert "no intact checkpoint to resume from" in none_left.output
+    assert "step_0000020/state.pt" in none_left.output
 
 
 def test_a_diverging_job_fails_its_sweep_after_the_other_jobs_ran(tmp_path, cache_root):
@@ -162,7 +156,6 @@ def test_a_diverging_job_fails_its_sweep_after_the_other_jobs_ran(tmp_path, cach
 
 @pytest.mark.parametrize("overrides, kept_one", [
     (["optim.lr=1e30"], False),  # non-finite at once
-    (["optim.lr=1e6"], False),  # finite weights of 1e5 after one step, FVU ~1e20
     # TopK (no dead collapse) with a 19-step warmup to lr 100: one sane step, then FVU 1e6
     (["variant=topk", "variant.k=8", "optim.lr=100", "optim.warmup_steps=19"], True),
 ])
@@ -296,50 +289,27 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, cache_root):
         assert stats[1][key] == pytest.approx(stats[0][key], rel=1e-4), key
 
 
-def test_a_second_training_into_a_held_run_folder_is_refused_and_changes_nothing(
-        tmp_path, cache_root):
-    """While one run trains in a folder, another launch into it exits 2 naming the holder;
-    the folder ends with the first run's config, labels and weights only."""
+def test_a_run_folder_is_held_while_training_and_never_relabelled(tmp_path, cache_root):
+    """A finished run (shorter than checkpoint_every: no checkpoint): a fresh launch into
+    its folder is refused and rewrites nothing; while another process holds the folder, a
+    launch exits 2 naming it; a resumed launch keeps the first launch's labels."""
+    from posae.training.run import hold_run_folder
+
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "posae.train", *TINY, "trainer.n_tokens=204800",
-               f"cache.root={cache_root}", f"hydra.run.dir={run_dir}"]
-    subprocess.run(command[:-2] + ["trainer.n_tokens=512", f"cache.root={cache_root}",
-                                   f"hydra.run.dir={tmp_path / 'warm'}"],
-                   cwd=REPO, check=True, capture_output=True)  # the cache exists before
-    first = subprocess.Popen([*command, "variant=topk", "variant.k=8"], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "run_config.yaml").exists():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.05)
-    second = run_module("posae.train", *TINY, "variant=relu", f"cache.root={cache_root}",
-                        f"hydra.run.dir={run_dir}")
-    assert second.returncode == 2, second.output[-3000:]
-    assert f"{run_dir} is in use by another training (pid {first.pid} on " in second.output
-    assert first.wait() == 0
-    assert yaml.safe_load((run_dir / "run_config.yaml").read_text())["variant"]["name"] == "topk"
-    assert "variant=topk" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    assert json.loads((run_dir / "sae" / "cfg.json").read_text())["config"]["name"] == "topk"
-    # a fresh launch into the finished folder is refused without relabelling it, and a
-    # resumed launch keeps the first launch's labels (posae.report reads them)
+    first = run_module("posae.train", *TINY, "variant=topk", "variant.k=8",
+                       f"cache.root={cache_root}", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0 and not list((run_dir / "checkpoints").glob("step_*"))
+    kept = {name: (run_dir / name).read_bytes()
+            for name in ("run_config.yaml", ".hydra/overrides.yaml", ".hydra/config.yaml")}
+    assert "variant=topk" in yaml.safe_load(kept[".hydra/overrides.yaml"])
     again = run_module("posae.train", *TINY, "variant=relu", f"cache.root={cache_root}",
                        f"hydra.run.dir={run_dir}")
     assert again.returncode == 2 and "already holds a run" in again.output
+    with hold_run_folder(run_dir, is_main=True):  # this process is training there
+        held = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
+    assert held.returncode == 2, held.output[-3000:]
+    assert f"{run_dir} is in use by another training (pid {os.getpid()} on " in held.output
     resumed = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "variant=topk" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-
-
-def test_a_finished_run_without_checkpoints_is_not_overwritten_by_a_fresh_launch(tmp_path,
-                                                                                cache_root):
-    """Shorter than `checkpoint_every`, a run leaves no checkpoint; its folder still holds
-    a run, which a fresh launch must not replace."""
-    run_dir = tmp_path / "run"
-    first = run_module("posae.train", *TINY, f"cache.root={cache_root}",
-                       f"hydra.run.dir={run_dir}")
-    assert first.returncode == 0 and not list((run_dir / "checkpoints").glob("step_*"))
-    kept = (run_dir / "run_config.yaml").read_text()
-    again = run_module("posae.train", *TINY, "variant=topk", f"cache.root={cache_root}",
-                       f"hydra.run.dir={run_dir}")
-    assert again.returncode == 2 and "already holds a run" in again.output
-    assert (run_dir / "run_config.yaml").read_text() == kept
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+    assert json.loads((run_dir / "sae" / "cfg.json").read_text())["config"]["name"] == "topk"

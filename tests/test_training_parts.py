@@ -183,3 +183,21 @@ def test_provenance_names_the_commit_and_whether_the_code_differs_from_it(tmp_pa
     git("commit", "-q", "-am", "second")
     assert git_commit(package)["commit"] != first["commit"]
     assert code_at_first_run(package) == first
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
+def test_resume_state_passes_over_a_damaged_checkpoint_naming_it(tmp_path, damage, caplog):
+    from posae.training.checkpoint import resume_state, save_checkpoint
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.arange(1000.0) * step}, 2)
+    state = tmp_path / "checkpoints" / "step_0000002" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes({"flip": bytes(data), "truncate": bytes(data[: len(data) // 2]),
+                       "empty": b"", "garbage": b"not a checkpoint" * 100}[damage])
+    with caplog.at_level("WARNING"):
+        path, found = resume_state(tmp_path, torch.device("cpu"))
+    assert path.name == "step_0000001" and found["step"] == 1
+    assert f"skipped a corrupt checkpoint: {state}" in caplog.text
+    assert not state.parent.exists() and (state.parent.parent / ".corrupt_step_0000002").is_dir()
