@@ -292,10 +292,24 @@ def note_changed_corpus(spec) -> None:
             return
 
 
+def shards_to_write(writers: list[LayerWriter], n_shards: int) -> int:
+    """How many shard indices to visit: the `n_shards` asked, and damaged ones beyond."""
+    return max([n_shards] + [i + 1 for w in writers for i in w.damaged])
+
+
+def shard_plan(writers: list[LayerWriter], index: int, n_shards: int,
+               new_size: int) -> tuple[list[LayerWriter], int]:
+    """The writers that write shard `index` (new, or damaged), and its sequence count: as
+    many as a damaged shard held, else `new_size`."""
+    todo = [w for w in writers if w.needs(index, n_shards)]
+    repaired = [w for w in todo if index in w.damaged]
+    return todo, repaired[0].listed_n_seq(index) if repaired else new_size
+
+
 def _write_shards(req, lm, special, writers, target, docs) -> None:
     size, context = req.cache.shard_sequences, req.context_size
     n_shards = math.ceil(target / size)
-    last = max([n_shards] + [i + 1 for w in writers for i in w.damaged])  # damaged beyond too
+    last = shards_to_write(writers, n_shards)
     blocks = iter_sequence_blocks(docs if docs is not None else iter_documents(req.dataset),
                                   lm.tokenizer, special, context, req.dataset.pack, size)
     written = 0  # sequences of the text up to the current shard
@@ -305,13 +319,11 @@ def _write_shards(req, lm, special, writers, target, docs) -> None:
         for index, (tokens, mask) in enumerate(blocks):
             if index >= last:
                 break
-            todo = [w for w in writers if w.needs(index, n_shards)]  # new, or damaged
-            repaired = [w for w in todo if index in w.damaged]
-            keep = (repaired[0].listed_n_seq(index) if repaired  # as many as it held
-                    else min(len(tokens), target - index * size))
+            wanted = min(len(tokens), target - index * size)
+            todo, keep = shard_plan(writers, index, n_shards, wanted)
             if index < n_shards:
-                written = index * size + min(len(tokens), target - index * size)
-                bar.update(min(len(tokens), target - index * size) * context)
+                written = index * size + wanted
+                bar.update(wanted * context)
             if not todo:
                 continue
             tokens, mask = tokens[:keep], mask[:keep]
@@ -335,14 +347,11 @@ def _write_synthetic_shards(req, writers, target) -> None:
     size, context = req.cache.shard_sequences, req.context_size
     source = SyntheticActivations(req.dataset.synthetic, context)
     n_shards = math.ceil(target / size)
-    last = max([n_shards] + [i + 1 for w in writers for i in w.damaged])  # damaged beyond too
-    for index in tqdm(range(last), desc="generating synthetic shards", dynamic_ncols=True):
-        todo = [w for w in writers if w.needs(index, n_shards)]  # new, or damaged
+    for index in tqdm(range(shards_to_write(writers, n_shards)),
+                      desc="generating synthetic shards", dynamic_ncols=True):
+        todo, n_seq = shard_plan(writers, index, n_shards, min(size, target - index * size))
         if not todo:
             continue
-        repaired = [w for w in todo if index in w.damaged]
-        n_seq = (repaired[0].listed_n_seq(index) if repaired  # as many as it held
-                 else min(size, target - index * size))
         acts, _ = source.shard(index, n_seq)
         tokens = np.zeros((n_seq, context), np.int32)
         mask = np.ones((n_seq, context), bool)
