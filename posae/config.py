@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Dict, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -255,7 +255,10 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-RESAMPLE_SELECT = ("dead", "temporal_importance", "random")
+# conf/resample/<name>.yaml → trainer.resample; the `trainer.resample_select` string it
+# replaced (2026-12-02) is still read from saved run configs (`legacy_resample_keys`).
+RESAMPLE_POLICIES = {"dead": "ResampleDead", "random": "ResampleRandom",
+                     "temporal_importance": "ResampleByTemporalImportance"}
 
 
 @dataclass
@@ -285,9 +288,10 @@ class TrainerConfig:
     grad_clip: Optional[float] = None
     dead_after_tokens: int = 100_000
     resample_every: int = 0
-    resample_select: str = "dead"
-    resample_fraction: float = 0.1
-    resample_gamma: float = 5.0
+    # The policy of posae/training/resampling.py choosing which latents a round resamples,
+    # by _target_ with its arguments (conf/resample/).
+    resample: Dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "posae.training.resampling.ResampleDead"})
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -371,10 +375,28 @@ def optim_config(node: Any) -> OptimConfig:
     return cfg
 
 
+def legacy_resample_keys(node: DictConfig) -> DictConfig:
+    """A saved trainer config from before `trainer.resample` (resample_select, _fraction,
+    _gamma) as today's, so that older run folders still evaluate and report."""
+    if "resample_select" not in node:
+        return node
+    old = OmegaConf.to_container(node, resolve=True)
+    select = old.pop("resample_select")
+    fraction, gamma = old.pop("resample_fraction", 0.1), old.pop("resample_gamma", 5.0)
+    _choice(select, tuple(RESAMPLE_POLICIES), "trainer.resample_select")
+    policy = {"_target_": f"posae.training.resampling.{RESAMPLE_POLICIES[select]}"}
+    policy.update({"random": {"fraction": fraction},
+                   "temporal_importance": {"fraction": fraction, "gamma": gamma}}.get(select, {}))
+    return OmegaConf.create({**old, "resample": policy})
+
+
 def trainer_config(node: Any, context_size: int) -> TrainerConfig:
-    cfg = typed(node, TrainerConfig, "trainer")
+    from posae.training.resampling import resample_policy
+
+    cfg = typed(legacy_resample_keys(node) if isinstance(node, DictConfig) else node,
+                TrainerConfig, "trainer")
     _choice(cfg.mixed_precision, MIXED_PRECISION, "trainer.mixed_precision")
-    _choice(cfg.resample_select, RESAMPLE_SELECT, "trainer.resample_select")
+    resample_policy(cfg.resample)  # refused here, before any compute, if it cannot be built
     window = context_size if cfg.window is None else cfg.window
     if not 1 <= window <= context_size:
         raise ConfigError(f"trainer.window: must be in 1..context_size={context_size}, "
@@ -391,9 +413,7 @@ def trainer_config(node: Any, context_size: int) -> TrainerConfig:
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:  # ≤ 0 would ascend the gradient
         raise ConfigError(f"trainer.grad_clip: must be positive or null (no clipping), "
                           f"got {cfg.grad_clip}")
-    for key, ok, rule in (("resample_every", cfg.resample_every >= 0, "non-negative"),
-                          ("resample_fraction", 0 <= cfg.resample_fraction <= 1, "in [0, 1]"),
-                          ("resample_gamma", cfg.resample_gamma >= 0, "non-negative")):
-        if not ok:
-            raise ConfigError(f"trainer.{key}: must be {rule}, got {getattr(cfg, key)}")
+    if cfg.resample_every < 0:
+        raise ConfigError(f"trainer.resample_every: must be non-negative, got "
+                          f"{cfg.resample_every}")
     return cfg

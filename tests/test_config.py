@@ -146,7 +146,7 @@ def test_schedules_that_end_after_the_run_are_named():
     ("trainer.grad_clip=-1", "trainer.grad_clip"),  # would ascend the gradient
     ("trainer.grad_clip=0", "trainer.grad_clip"),
     ("trainer.window=0", "trainer.window"),         # once read as "whole sequences"
-    ("trainer.resample_fraction=1.5", "trainer.resample_fraction"),
+    ("trainer.resample._target_=subprocess.Popen", "trainer.resample"),
     ("optim.betas=[0.9,1.0]", "optim.betas"),
     ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ("optim.warmup_steps=-5", "optim.warmup_steps"),
@@ -160,6 +160,14 @@ def test_settings_that_would_train_backwards_or_not_at_all_are_refused_when_read
 
     with pytest.raises(ConfigError, match=rf"^{key}"):
         plan_training(compose_config(overrides=["variant=relu", override]))
+
+
+def test_a_resampling_policy_that_cannot_be_built_is_refused_when_read():
+    from posae.train import plan_training
+
+    with pytest.raises(ConfigError, match=r"^trainer\.resample: .*fraction.* \[0, 1\]"):
+        plan_training(compose_config(overrides=["variant=atr", "resample=random",
+                                                "trainer.resample.fraction=1.5"]))
 
 
 @pytest.mark.parametrize("target", ["pathlib.Path.unlink", "subprocess.Popen"])

@@ -80,7 +80,7 @@ CASES = [
     ("atr temporal-importance resampling (001 eq. 6)", ["variant=atr", "trainer.resample_every=20"],
      ["variant=atr", "trainer.resample_every=0"], "resample/rounds", 1.0),
     ("random resampling (control for eq. 6's score)",
-     ["variant=atr", "trainer.resample_every=20", "trainer.resample_select=random"],
+     ["variant=atr", "trainer.resample_every=20", "resample=random"],
      ["variant=atr", "trainer.resample_every=0"], "resample/rounds", 1.0),
     ("dead-latent resampling", ["variant=topk", "variant.k=4", "trainer.resample_every=20",
                                 "trainer.dead_after_tokens=512"],

@@ -8,11 +8,25 @@ import pytest
 import torch
 
 from posae.losses.base import StepContext
-from posae.losses.controllers import AdaptiveL1, MomentumFromReconstruction, Ramp
+from posae.losses.controllers import AdaptiveL1, MomentumFromReconstruction
 from posae.losses.reconstruction import PositionWeightedMSE
 from posae.losses.temporal import AdjacentDifference, WindowConsistency
 from posae.sae.base import SAEOutput
 from posae.training.batches import Batch
+from posae.training.hooks import StepEnd
+from posae.training.schedule import Ramp
+
+
+def end_step(sae, step: int) -> None:
+    """What the trainer does for the SAE's own state when step `step` ends (one process)."""
+    for hook in sae.step_hooks():
+        hook.on_step_end(StepEnd(step, {}, None, 0, None, None), lambda tensor, op: tensor)
+
+
+def start_step(sae, n_tokens: float) -> None:
+    """What the trainer does before a forward whose loss is a mean over n_tokens tokens."""
+    for hook in sae.step_hooks():
+        hook.on_step_start(StepContext(0, n_tokens, sae, torch.zeros(0, dtype=bool)))
 
 
 def codes_batch(f, mask=None, pos=None):
@@ -170,7 +184,7 @@ def test_pa_sae_rates_follow_eq4_and_importance_ema_eq6():
     with torch.no_grad():
         sae.grad_sum[0], sae.grad_sum[1] = 3.0, 1.0  # mean |grad| 3 at pos 0, 1 at pos 1
         sae.grad_count[:2] = 1.0
-    sae.before_step(1)
+    end_step(sae, 1)
     # mean over the seen positions is 2: α0 = 0.01 (1 + 0.5 (3 - 2)), α1 = 0.01 (1 - 0.5)
     torch.testing.assert_close(sae.rates[0], torch.full((16,), 0.015))
     torch.testing.assert_close(sae.rates[1], torch.full((16,), 0.005))
@@ -179,7 +193,7 @@ def test_pa_sae_rates_follow_eq4_and_importance_ema_eq6():
     assert sae.grad_count.sum() == 0
     with torch.no_grad():
         sae.grad_sum[0], sae.grad_count[:2] = 1000.0, 1.0
-    sae.before_step(2)
+    end_step(sae, 2)
     assert sae.rates.max() <= 0.1 and sae.rates.min() >= 0.001
 
 
@@ -203,13 +217,13 @@ def test_curriculum_adapters_are_off_before_the_delay_and_routed_by_position_ran
                                               curriculum_length=10, adapter_dropout=0.0)
     sae = build_sae(cfg)
     x, pos = torch.randn(1, 8, 8), torch.arange(8)[None]
-    sae.before_step(5)
+    end_step(sae, 5)
     out = sae(x, pos)
-    torch.testing.assert_close(out.f, sae.base_codes(x))
+    torch.testing.assert_close(out.f, out.extras["l1_codes"])
     assert sae.position_range(pos).tolist() == [[0, 0, 1, 1, 2, 2, 3, 3]]
-    sae.before_step(20)
+    end_step(sae, 20)
     out = sae(x, pos)
-    h_b = sae.base_codes(x)
+    h_b = out.extras["l1_codes"]
     expected = h_b[0, 6] + sae.adapters[3](h_b[0, 6])
     torch.testing.assert_close(out.f[0, 6], expected)
     assert out.extras["curriculum"] == 1.0
@@ -278,11 +292,11 @@ def test_gaussian_mask_and_progressive_schedule():
     centre = (torch.arange(16) + 0.5) * 8 / 16
     torch.testing.assert_close(sae.mask[3], torch.exp(-((3 - centre) ** 2) / (2 * 1.0 ** 2)))
     pos = torch.arange(8)[None]
-    sae.before_step(0)
+    end_step(sae, 0)
     assert torch.equal(sae.effective_mask(pos), torch.ones(1, 8, 16))
-    sae.before_step(5)
+    end_step(sae, 5)
     torch.testing.assert_close(sae.effective_mask(pos)[0], 1 - 0.5 * (1 - sae.mask))
-    sae.before_step(50)
+    end_step(sae, 50)
     torch.testing.assert_close(sae.effective_mask(pos)[0], sae.mask)
 
 
@@ -373,7 +387,7 @@ def test_routing_without_position_embedding_gets_a_gradient_at_initialisation():
 def test_pa_sae_records_per_token_gradients_and_scales_the_backward_by_its_rates():
     sae = pa_sae(mask="none").train()
     n = 12.0
-    sae.set_token_gradient_scale(n)  # the trainer: the loss is a mean over n tokens
+    start_step(sae, n)  # the trainer: the loss is a mean over n tokens
     with torch.no_grad():
         sae.rates[2] = 0.02  # twice α_0 at position 2
     x, pos = torch.randn(2, 6, 8), torch.arange(6).expand(2, 6)
@@ -381,7 +395,7 @@ def test_pa_sae_records_per_token_gradients_and_scales_the_backward_by_its_rates
     (out.f * 3.0).sum().div(n).backward()  # per-token ∂L/∂f = 3 everywhere
     sae_grad_pos2 = sae.W_enc.grad.clone()
     assert sae.grad_sum[0].tolist() == [2 * 3.0] * 16  # two tokens at position 0, |3| each
-    sae.before_step(1)
+    end_step(sae, 1)
     torch.testing.assert_close(sae.importance_ema[0], torch.full((16,), 0.3))  # (1-β) 3
     # the gradient reaching the encoder: tokens at position 2 count twice
     sae.zero_grad()
@@ -417,14 +431,14 @@ def test_importance_weights_feed_back_and_the_bound_limits_what_the_loss_sees():
     softmax underneath still collapses (counted on the unclipped weights)."""
     def run(bound):
         sae = pa_sae(mask="none", adaptive_rates=False, importance_bound=bound).train()
-        sae.set_token_gradient_scale(12.0)
+        start_step(sae, 12.0)
         with torch.no_grad():
             sae.importance_ema[2] = 1.0  # position 2 starts slightly heavier
         x, pos = torch.rand(2, 6, 8), torch.arange(6).expand(2, 6)
         for step in range(60):
             out = sae(x, pos, torch.ones(2, 6, dtype=bool))
             (out.extras["position_weights"] * out.f.abs()).sum().mul(2.0).div(12).backward()
-            sae.before_step(step)
+            end_step(sae, step)
             sae.zero_grad()
         return sae.mechanism_state()
 

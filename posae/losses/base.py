@@ -1,4 +1,4 @@
-"""Loss terms and their coefficients (DESIGN.md, "SAE and loss interfaces").
+"""Loss terms and their coefficients (docs/ARCHITECTURE.md, "Loss terms").
 
 A term reads the SAE output and the batch and returns an unweighted scalar: by default
 the mean over the batch's counted tokens of a per-token value. Its coefficient is a
@@ -8,32 +8,20 @@ training statistics after each step. Coefficients are checkpointed with the trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
-if TYPE_CHECKING:  # the SAE package imports controllers from here
-    from posae.sae.base import SAE, SAEOutput
+from posae.sae.base import SAEOutput
+from posae.training.hooks import StepContext, StepEnd, StepHook
+from posae.training.schedule import Ramp
 
 
-@dataclass
-class StepContext:
-    """What a loss term may need beyond the output and the batch."""
-
-    step: int
-    # Normaliser of token means: counted tokens in the global batch / number of processes,
-    # so that data-parallel gradient averaging gives the exact global-batch mean.
-    n_tokens: float
-    sae: SAE
-    # Latents that have not fired for trainer.dead_after_tokens (bool [d_sae]).
-    dead: Tensor
-
-
-class Coefficient:
+class Coefficient(StepHook):
     """A loss coefficient: value at a step, optionally updated from training statistics.
     `value` is the configured value (the `coef` or `coef.value` key) it starts from or
-    scales."""
+    scales. A step hook (posae/training/hooks.py): the trainer registers each term's
+    coefficient, logs its `logged_state` as `coef/<term>_<key>` and checkpoints it."""
 
     value: float
 
@@ -45,17 +33,10 @@ class Coefficient:
         of the run turns it into steps here)."""
 
     def update(self, stats: dict[str, float]) -> None:
-        """Called after every optimiser step with that step's statistics."""
+        """Called after every optimiser step with that step's global statistics."""
 
-    def logged_state(self) -> dict[str, float]:
-        """What a controller tracks beside its value (logged as `coef/<term>_<key>`)."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def on_step_end(self, end: StepEnd, reduce) -> None:
+        self.update(end.stats)
 
 
 class Constant(Coefficient):
@@ -70,10 +51,10 @@ class LinearWarmup(Coefficient):
     """0 at step 0, rising linearly to `value` at `steps`, constant after."""
 
     def __init__(self, value: float, steps: int):
-        self.value, self.steps = float(value), int(steps)
+        self.value, self.ramp = float(value), Ramp(value, delay=0, length=steps)
 
     def __call__(self, step: int) -> float:
-        return self.value * min(1.0, step / self.steps)
+        return self.ramp(step)
 
 
 def make_coefficient(coef: float | Coefficient, warmup_steps: int = 0) -> Coefficient:

@@ -11,17 +11,6 @@ import math
 from posae.losses.base import Coefficient
 
 
-class Ramp(Coefficient):
-    """0 for `delay` steps, then linear to `value` over `length` steps (004's curriculum
-    coefficient α_t: delay 1000, length 9000)."""
-
-    def __init__(self, value: float = 1.0, delay: int = 1000, length: int = 9000):
-        self.value, self.delay, self.length = float(value), int(delay), max(1, int(length))
-
-    def __call__(self, step: int) -> float:
-        return self.value * min(1.0, max(0.0, (step - self.delay) / self.length))
-
-
 class AdaptiveL1(Coefficient):
     """λ_t = λ0 exp(η (s_t - s*)) with s_t the current L0 and s* its target (001 eq. 4):
     λ rises while L0 is above target and falls while below. The exponent is clipped to

@@ -1,9 +1,10 @@
 """Read the residual stream after chosen blocks, stopping the forward after the deepest.
 
-DESIGN.md: the hook point is the output of block L (`blocks.L.hook_resid_post` in
-TransformerLens terms). HF's `output_hidden_states` would give the same tensors for
-non-final blocks, but its last entry is taken after the final norm in some models
-(Gemma-2), and it runs the whole model; a forward hook on block L does neither.
+The hook point (docs/ARCHITECTURE.md, "Hook point") is the output of block L
+(`blocks.L.hook_resid_post` in TransformerLens terms). HF's `output_hidden_states` would
+give the same tensors for non-final blocks, but its last entry is taken after the final
+norm in some models (Gemma-2), and it runs the whole model; a forward hook on block L does
+neither.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SAE interface every architecture implements (DESIGN.md, "SAE and loss interfaces").
+"""The SAE interface every architecture implements (docs/ARCHITECTURE.md, "SAEs").
 
     pre = (x - b_dec) @ W_enc + b_enc          encoder pre-activations
     f   = activation(pre)                      codes (architecture specific)
@@ -6,7 +6,7 @@
 
 `forward(x, pos, mask)` returns `SAEOutput(x_hat, f, pre, extras)`; `pos` [B, T] are the
 true token positions and `mask` [B, T] the tokens that count, both ignored by
-position-agnostic architectures.
+position-agnostic architectures. How to add one: docs/ARCHITECTURE.md, "Adding a method".
 """
 
 from __future__ import annotations
@@ -96,10 +96,20 @@ class SAEOutput:
 
 
 class SAE(nn.Module):
+    """An architecture implements `encode_with_pre` (and `decode` when its decoder is not
+    the linear one); `forward` and `encode` derive from it. Per-step state (a schedule, or
+    statistics of the last step) lives in the `StepHook`s `step_hooks` returns, which the
+    trainer drives (posae/training/hooks.py)."""
+
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     # Keys this architecture's forward puts in `SAEOutput.extras`; a loss term that reads
     # one (`LossTerm.requires`) is refused at config time with an architecture lacking it.
     provides: ClassVar[frozenset[str]] = frozenset()
+    # The codes depend on the token's position: forward and encode refuse pos=None.
+    needs_positions: ClassVar[bool] = False
+    # Some parameter may get no gradient in a step (an adapter whose position range is not
+    # in the batch): data parallelism must then look for unused parameters.
+    may_leave_parameters_unused: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -119,39 +129,46 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
-    def before_step(self, step: int) -> None:
-        """Called by the trainer before each training forward; for state that follows the
-        step (a curriculum) or the previous step's gradients. Default: nothing."""
+    def encode_with_pre(self, x: Tensor, pos: Tensor | None,
+                        mask: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(codes f, encoder pre-activations, extras): the one method an architecture
+        implements. `pos` [B, T] are the true token positions (never None when
+        `needs_positions`), `mask` [B, T] the tokens that count; extras hold what loss terms
+        read (`provides`) and what `decode` may use (a sparse form of f)."""
+        raise NotImplementedError
 
-    def set_token_gradient_scale(self, scale: float) -> None:
-        """The factor that turns a gradient of this step's training loss into the gradient
-        of one token's loss: the loss is a mean over `n` tokens (x n) and may carry an fp16
-        loss scale (÷ scale). Set by the trainer before each forward; only architectures that
-        read gradients of their codes (PA-SAE) use it."""
+    def decode(self, f: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
+        """x̂ = f W_dec + b_dec; `extras` from `encode_with_pre` may offer a cheaper way."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor, pos: Tensor | None = None,
+                mask: Tensor | None = None) -> SAEOutput:
+        self.check_positions(pos)
+        f, pre, extras = self.encode_with_pre(x, pos, mask)
+        return SAEOutput(self.decode(f, extras), f, pre, extras)
+
+    def encode(self, x: Tensor, pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        self.check_positions(pos)
+        return self.encode_with_pre(x, pos, mask)[0]
+
+    def check_positions(self, pos: Tensor | None) -> None:
+        if pos is None and self.needs_positions:
+            raise ValueError(f"the {type(self).__name__} ({self.cfg.name}) needs token "
+                             f"positions: pass pos")
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """(x - b_dec) W_enc + b_enc, the shared encoder."""
+        return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)
+
+    def step_hooks(self) -> list:
+        """The `StepHook`s that move this architecture's per-step state; default none."""
+        return []
 
     def mechanism_state(self) -> dict[str, float]:
         """Scalars that show whether this architecture's own mechanisms move (mask
         statistics, adaptive rates, routing norm, curriculum α), logged as `mech/<name>`
         at each log step and kept in train_summary.json. Default: none."""
         return {}
-
-    def pre_activations(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
-        return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)
-
-    def activation(self, pre: Tensor, mask: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
-
-    def encode(self, x: Tensor, pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        return self.activation(self.pre_activations(x, pos), mask)
-
-    def decode(self, f: Tensor, pos: Tensor | None = None) -> Tensor:
-        return f @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor, pos: Tensor | None = None,
-                mask: Tensor | None = None) -> SAEOutput:
-        pre = self.pre_activations(x, pos)
-        f = self.activation(pre, mask)
-        return SAEOutput(self.decode(f, pos), f, pre)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

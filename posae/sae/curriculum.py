@@ -7,7 +7,7 @@
 f_r is a two-layer MLP k → d/2 → k (ReLU between) for the r-th of `n_ranges` equal
 position ranges of the context. α_t is the curriculum coefficient: 0 for
 `curriculum_delay` steps, then linear to 1 over `curriculum_length` steps (set by
-`before_step`). Loss (004 eq. 5): ‖x - x̂‖² + λ(‖h_b‖₁ + α_t ‖h_r - h_b‖₁): the `l1` term
+its step hook). Loss (004 eq. 5): ‖x - x̂‖² + λ(‖h_b‖₁ + α_t ‖h_r - h_b‖₁): the `l1` term
 reads h_b from `extras["l1_codes"]`, the `adapter_l1` term reads `adapter_delta` and
 `curriculum`. Eq. 2 has no b_dec centring, so the encoder sees x itself.
 """
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posae.losses.controllers import Ramp
-from posae.sae.base import SAE, PositionalConfig, SAEOutput, position_range
+from posae.sae.base import SAE, PositionalConfig, position_range
+from posae.training.hooks import FollowSchedule, StepHook
+from posae.training.schedule import Ramp
 
 
 @dataclass
@@ -34,6 +35,8 @@ class CurriculumConfig(PositionalConfig):
 class CurriculumSAE(SAE):
     config_class = CurriculumConfig
     provides = frozenset({"l1_codes", "adapter_delta", "curriculum"})
+    needs_positions = True
+    may_leave_parameters_unused = True  # idle adapters, ranges missing from a batch
 
     def __init__(self, cfg: CurriculumConfig):
         super().__init__(cfg)
@@ -43,20 +46,18 @@ class CurriculumSAE(SAE):
             nn.Sequential(nn.Linear(k, hidden), nn.ReLU(), nn.Linear(hidden, k), nn.LayerNorm(k))
             for _ in range(cfg.n_ranges))
         self.dropout = nn.Dropout(cfg.adapter_dropout)
-        self.ramp = Ramp(1.0, cfg.curriculum_delay, cfg.curriculum_length)
-        self.register_buffer("curriculum", torch.tensor(0.0))
+        ramp = Ramp(1.0, cfg.curriculum_delay, cfg.curriculum_length)
+        self.register_buffer("curriculum", torch.tensor(ramp(0)))
+        self.clock = FollowSchedule(self.curriculum, ramp)
 
-    def before_step(self, step: int) -> None:
-        self.curriculum.fill_(self.ramp(step))
+    def step_hooks(self) -> list[StepHook]:
+        return [self.clock]
 
     def mechanism_state(self) -> dict[str, float]:
         return {"curriculum_alpha": self.curriculum.item()}
 
     def position_range(self, pos: Tensor) -> Tensor:
         return position_range(pos, self.cfg.n_ranges, self.cfg.context_size)
-
-    def base_codes(self, x: Tensor) -> Tensor:
-        return torch.relu(self.base_norm(x @ self.W_enc + self.b_enc))
 
     def adapted(self, h_b: Tensor, pos: Tensor) -> Tensor:
         """α_t · Dropout(LayerNorm(f_r(h_b))), each token through its own range's adapter.
@@ -71,17 +72,10 @@ class CurriculumSAE(SAE):
                 delta[rows] = self.dropout(adapter(h_b[rows]))
         return self.curriculum * delta
 
-    def encode(self, x, pos=None, mask=None):
-        h_b = self.base_codes(x)
-        return h_b if pos is None else h_b + self.adapted(h_b, pos)
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        if pos is None:
-            raise ValueError("the curriculum SAE needs token positions")
+    def encode_with_pre(self, x, pos, mask):
         pre = x @ self.W_enc + self.b_enc
         h_b = torch.relu(self.base_norm(pre))
         delta = self.adapted(h_b, pos)
-        h_r = h_b + delta
-        return SAEOutput(self.decode(h_r, pos), h_r, pre,
-                         {"l1_codes": h_b, "adapter_delta": delta, "curriculum": self.curriculum})
+        return h_b + delta, pre, {"l1_codes": h_b, "adapter_delta": delta,
+                                  "curriculum": self.curriculum}
 

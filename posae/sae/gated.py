@@ -7,7 +7,8 @@
 W_gate is the shared `W_enc` and b_gate the shared `b_enc`. Their loss adds
 λ‖ReLU(π_gate)‖₁ (the `l1` term reads `extras["l1_codes"]`) and the auxiliary
 reconstruction ‖x - x̂_frozen(ReLU(π_gate))‖² through a frozen decoder (`gated_aux`).
-π_mag is computed from π_gate (the right-hand identity): one encoder matmul, not two.
+π_mag is computed from π_gate (the right-hand identity): one encoder matmul, not two. The
+frozen-decoder reconstruction only trains, so only a module in training mode computes it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEOutput
+from posae.sae.base import SAE
 
 
 class GatedSAE(SAE):
@@ -31,13 +32,10 @@ class GatedSAE(SAE):
         magnitudes = torch.relu(self.r_mag.exp() * (pre - self.b_enc) + self.b_mag)
         return (pre > 0) * magnitudes
 
-    def activation(self, pre, mask=None):
-        return self.gated_codes(pre)
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        pre = self.pre_activations(x, pos)
-        f = self.gated_codes(pre)
+    def encode_with_pre(self, x, pos, mask):
+        pre = self.pre_activations(x)
         gate_codes = torch.relu(pre)
-        frozen = gate_codes @ self.W_dec.detach() + self.b_dec.detach()
-        return SAEOutput(self.decode(f, pos), f, pre,
-                         {"l1_codes": gate_codes, "aux_x_hat": frozen})
+        extras = {"l1_codes": gate_codes}
+        if self.training:
+            extras["aux_x_hat"] = gate_codes @ self.W_dec.detach() + self.b_dec.detach()
+        return self.gated_codes(pre), pre, extras

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from posae.config import ConfigError
-from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
+from posae.sae.base import SAE, PositionalConfig, per_position
 
 
 @dataclass
@@ -49,6 +49,7 @@ class HierarchicalConfig(PositionalConfig):
 
 class HierarchicalSAE(SAE):
     config_class = HierarchicalConfig
+    needs_positions = True
 
     def __init__(self, cfg: HierarchicalConfig):
         super().__init__(cfg)
@@ -98,16 +99,13 @@ class HierarchicalSAE(SAE):
         return (torch.cat([zeros, shift], -1), torch.cat([ones, gate], -1),
                 torch.cat([zeros, routed], -1))
 
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        if pos is None:
-            raise ValueError("the hierarchical SAE needs token positions")
+    def encode_with_pre(self, x, pos, mask):
         shift, scale, offset = self.position_tables()
         pre = self.pre_activations(x) + per_position(shift, pos)
         input_codes = torch.relu(pre) * per_position(scale, pos)
         f = input_codes + per_position(offset, pos)
-        return SAEOutput(self.decode(f), f, pre, {"global_codes": f[..., : self.half],
-                                                  "positional_codes": f[..., self.half :],
-                                                  "input_codes": input_codes})
+        return f, pre, {"global_codes": f[..., : self.half],
+                        "positional_codes": f[..., self.half :], "input_codes": input_codes}
 
     @torch.no_grad()
     def mechanism_state(self) -> dict[str, float]:
@@ -119,9 +117,6 @@ class HierarchicalSAE(SAE):
         if self.cfg.gate:
             state["gate_mean"] = torch.sigmoid(self.gate_logits).mean().item()
         return state
-
-    def encode(self, x, pos=None, mask=None):
-        return self.forward(x, pos, mask).f
 
     @torch.no_grad()
     def fold_input_scale_(self, scale: float) -> None:

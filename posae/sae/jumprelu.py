@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, SAEConfig
 
 
 @dataclass
@@ -73,15 +73,12 @@ class JumpReLUSAE(SAE):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
-    def activation(self, pre, mask=None):
-        return _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
-
     @torch.no_grad()
     def mechanism_state(self) -> dict[str, float]:
         return {"threshold_mean": self.threshold.mean().item()}
 
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        pre = self.pre_activations(x, pos)
-        f = self.activation(pre, mask)
-        l0 = _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum(-1)
-        return SAEOutput(self.decode(f, pos), f, pre, {"l0": l0})
+    def encode_with_pre(self, x, pos, mask):
+        pre = self.pre_activations(x)
+        threshold, bandwidth = self.threshold, self.cfg.bandwidth
+        f = _JumpReLU.apply(pre, threshold, bandwidth)
+        return f, pre, {"l0": _Step.apply(pre, threshold, bandwidth).sum(-1)}

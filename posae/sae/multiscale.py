@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from posae.config import ConfigError
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, SAEConfig
 
 
 @dataclass
@@ -45,11 +45,11 @@ def causal_means(x: Tensor, mask: Tensor, scale: int) -> Tensor:
 class MultiScaleSAE(SAE):
     config_class = MultiScaleConfig
 
-    def pre_activations(self, x, pos=None, mask=None):
+    def scale_pre_activations(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Each latent group's pre-activations on the causal mean of its scale."""
         mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if mask is None else mask
         if x.dim() == 2:  # a flat list of tokens has no neighbours: every scale sees x
-            x, mask = x[None], mask[None]
-            return self.pre_activations(x, pos, mask)[0]
+            return self.scale_pre_activations(x[None], mask[None])[0]
         size = self.cfg.d_sae // len(self.cfg.scales)
         parts = []
         for i, scale in enumerate(self.cfg.scales):
@@ -58,10 +58,6 @@ class MultiScaleSAE(SAE):
                          + self.b_enc[cols])
         return torch.cat(parts, -1)
 
-    def encode(self, x, pos=None, mask=None):
-        return torch.relu(self.pre_activations(x, pos, mask))
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        pre = self.pre_activations(x, pos, mask)
-        f = torch.relu(pre)
-        return SAEOutput(self.decode(f), f, pre)
+    def encode_with_pre(self, x, pos, mask):
+        pre = self.scale_pre_activations(x, mask)
+        return torch.relu(pre), pre, {}

@@ -15,7 +15,8 @@ g_{l,i} is the mean over the last step's tokens at position l of the per-token g
 |∂L_token/∂f_{l,i}|: a gradient hook on the codes reads ∂L/∂f of the batch-mean loss and
 multiplies it by the trainer's token-gradient scale (the number of tokens the loss averages,
 ÷ any fp16 loss scale), so that γ = 0.01 and the bounds 0.001–0.1 act on gradients of the
-size 000 means. The statistics are summed over processes and applied in `before_step`.
+size 000 means. `CodeGradientStatistics`, the SAE's step hook, sums the statistics over
+processes and applies eq. 4 and 6 when the step ends (posae/training/hooks.py).
 Readings (docs/variants.md): α and w are per (position, latent), as 000 §5.1 sizes them.
 000 calls α "position-specific learning rates" and leaves it out of eq. 3, so the forward
 pass is eq. 3 as written and α scales the gradient that flows back through f_{l,i} (÷ α_0).
@@ -41,11 +42,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from posae.config import ConfigError
-from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position
+from posae.sae.base import SAE, PositionalConfig, per_position
+from posae.training.hooks import StepContext, StepEnd, StepHook
 
 INITIAL_MASK_LOGIT = {"soft": 2.0, "fixed": 2.0, "hard": 0.05, "none": 0.0}
 
@@ -96,6 +97,7 @@ class PASAEConfig(PositionalConfig):
 class PASAE(SAE):
     config_class = PASAEConfig
     provides = frozenset({"position_weights"})
+    needs_positions = True
 
     def __init__(self, cfg: PASAEConfig):
         super().__init__(cfg)
@@ -109,10 +111,12 @@ class PASAE(SAE):
         self.register_buffer("importance_ema", torch.zeros(L, k))
         self.register_buffer("grad_sum", torch.zeros(L, k))
         self.register_buffer("grad_count", torch.zeros(L))
+        # ∂(one token's loss)/∂(the step's loss), set by the step hook before each forward
         self.token_gradient_scale = 1.0
+        self.statistics = CodeGradientStatistics(self)
 
-    def set_token_gradient_scale(self, scale: float) -> None:
-        self.token_gradient_scale = float(scale)
+    def step_hooks(self) -> list[StepHook]:
+        return [self.statistics]
 
     def position_mask(self, pos: Tensor) -> Tensor:
         if self.cfg.mask == "none":
@@ -122,21 +126,13 @@ class PASAE(SAE):
             return soft
         return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
 
-    def encode(self, x, pos=None, mask=None):
-        if pos is None:
-            raise ValueError("PA-SAE needs token positions")
-        return torch.relu(self.position_mask(pos) * self.pre_activations(x))
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        if pos is None:
-            raise ValueError("PA-SAE needs token positions")
+    def encode_with_pre(self, x, pos, mask):
         pre = self.pre_activations(x)
         f = torch.relu(self.position_mask(pos) * pre)
         if self.training and f.requires_grad:
             counted = torch.ones_like(pos, dtype=f.dtype) if mask is None else mask.to(f.dtype)
             f.register_hook(lambda grad: self._on_code_gradient(grad, pos, counted))
-        weights = per_position(self.position_weights(), pos)
-        return SAEOutput(self.decode(f), f, pre, {"position_weights": weights})
+        return f, pre, {"position_weights": per_position(self.position_weights(), pos)}
 
     def position_weights(self) -> Tensor:
         """L·w as the loss uses it: clipped to [1/b, b] when `importance_bound` b is set."""
@@ -156,25 +152,20 @@ class PASAE(SAE):
         return grad * (per_position(self.rates, pos) / self.cfg.rate_init).to(grad.dtype)
 
     @torch.no_grad()
-    def before_step(self, step: int) -> None:
-        """Apply eq. 4 and eq. 6 with the per-token gradients recorded in the previous step."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.grad_sum)
-            dist.all_reduce(self.grad_count)
+    def apply_gradient_statistics(self) -> None:
+        """Eq. 4 and eq. 6 with the per-token gradients recorded since the last call (summed
+        over processes), then a fresh record."""
         seen = self.grad_count > 0
-        if not seen.any() or not bool(self.grad_sum.isfinite().all()):
-            # nothing recorded, or an fp16 step whose gradients overflowed (the optimiser
-            # skips that step too)
-            self.grad_sum.zero_()
-            self.grad_count.zero_()
-            return
-        g = self.grad_sum[seen] / self.grad_count[seen, None]
-        if self.cfg.adaptive_rates:
-            factor = 1 + self.cfg.rate_gamma * (g - g.mean(0, keepdim=True))
-            self.rates[seen] = (self.rates[seen] * factor).clamp(self.cfg.rate_min,
-                                                                 self.cfg.rate_max)
-        beta = self.cfg.importance_beta
-        self.importance_ema[seen] = beta * self.importance_ema[seen] + (1 - beta) * g
+        if seen.any() and bool(self.grad_sum.isfinite().all()):
+            # (else nothing was recorded, or an fp16 step's gradients overflowed: the
+            # optimiser skips that step too)
+            g = self.grad_sum[seen] / self.grad_count[seen, None]
+            if self.cfg.adaptive_rates:
+                factor = 1 + self.cfg.rate_gamma * (g - g.mean(0, keepdim=True))
+                self.rates[seen] = (self.rates[seen] * factor).clamp(self.cfg.rate_min,
+                                                                     self.cfg.rate_max)
+            beta = self.cfg.importance_beta
+            self.importance_ema[seen] = beta * self.importance_ema[seen] + (1 - beta) * g
         self.grad_sum.zero_()
         self.grad_count.zero_()
 
@@ -197,3 +188,22 @@ class PASAE(SAE):
                      importance_weight_clipped_fraction=(weights != unclipped).float()
                      .mean().item())
         return state
+
+
+class CodeGradientStatistics(StepHook):
+    """PA-SAE's per-step state (000 eq. 4, 6): before the forward, the factor that turns a
+    gradient of the step's loss into one token's (the loss is a mean over n tokens, × n,
+    and may carry an fp16 loss scale, ÷ scale); after the step, the gradients recorded by
+    the code hook, summed over processes, update the rates and the importance EMA."""
+
+    def __init__(self, sae: PASAE):
+        self.sae = sae
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        self.sae.token_gradient_scale = ctx.n_tokens / ctx.loss_scale
+
+    def on_step_end(self, end: StepEnd, reduce) -> None:
+        sae = self.sae
+        sae.grad_sum.copy_(reduce(sae.grad_sum, "sum"))
+        sae.grad_count.copy_(reduce(sae.grad_count, "sum"))
+        sae.apply_gradient_statistics()

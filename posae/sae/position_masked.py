@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from posae.config import ConfigError
-from posae.sae.base import SAE, PositionalConfig, SAEOutput, per_position, position_range
+from posae.sae.base import SAE, PositionalConfig, per_position, position_range
+from posae.training.hooks import FollowSchedule, StepHook
+from posae.training.schedule import Ramp
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PositionMaskedConfig(PositionalConfig):
 
 class PositionMaskedSAE(SAE):
     config_class = PositionMaskedConfig
+    needs_positions = True
 
     def __init__(self, cfg: PositionMaskedConfig):
         super().__init__(cfg)
@@ -52,11 +55,12 @@ class PositionMaskedSAE(SAE):
             sigma = cfg.sigma or L / 8
             mask = torch.exp(-((t - centre) ** 2) / (2 * sigma ** 2))
         self.register_buffer("mask", mask, persistent=False)
-        self.register_buffer("strength", torch.tensor(1.0 if cfg.schedule_steps == 0 else 0.0))
+        ramp = Ramp(1.0, delay=0, length=cfg.schedule_steps)  # 1 from the start without one
+        self.register_buffer("strength", torch.tensor(ramp(0)))
+        self.schedule = FollowSchedule(self.strength, ramp) if cfg.schedule_steps else None
 
-    def before_step(self, step: int) -> None:
-        if self.cfg.schedule_steps:
-            self.strength.fill_(min(1.0, step / self.cfg.schedule_steps))
+    def step_hooks(self) -> list[StepHook]:
+        return [self.schedule] if self.schedule else []
 
     def mechanism_state(self) -> dict[str, float]:
         return {"mask_strength": self.strength.item(),
@@ -65,18 +69,9 @@ class PositionMaskedSAE(SAE):
     def effective_mask(self, pos: Tensor) -> Tensor:
         return 1 - self.strength * (1 - per_position(self.mask, pos))
 
-    def masked_codes(self, pre: Tensor, pos: Tensor | None) -> Tensor:
-        if pos is None:
-            raise ValueError("a position-masked SAE needs token positions")
-        return torch.relu(pre) * self.effective_mask(pos)
-
-    def encode(self, x, pos=None, mask=None):
-        return self.masked_codes(self.pre_activations(x), pos)
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
+    def encode_with_pre(self, x, pos, mask):
         pre = self.pre_activations(x)
-        f = self.masked_codes(pre, pos)
-        return SAEOutput(self.decode(f), f, pre)
+        return torch.relu(pre) * self.effective_mask(pos), pre, {}
 
 
 @dataclass
@@ -86,6 +81,7 @@ class RangeEncoderConfig(PositionalConfig):
 
 class RangeEncoderSAE(SAE):
     config_class = RangeEncoderConfig
+    needs_positions = True
 
     def __init__(self, cfg: RangeEncoderConfig):
         super().__init__(cfg)
@@ -93,8 +89,7 @@ class RangeEncoderSAE(SAE):
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_ranges, cfg.d_sae))
 
     def pre_activations(self, x, pos=None):
-        if pos is None:
-            raise ValueError("a range-encoder SAE needs token positions")
+        """(x - b_dec) W_r + b_r with r the range of each token's position."""
         ranges = position_range(pos, self.cfg.n_ranges, self.cfg.context_size)
         pre = x.new_zeros(*x.shape[:-1], self.cfg.d_sae)
         for r in range(self.cfg.n_ranges):
@@ -103,8 +98,9 @@ class RangeEncoderSAE(SAE):
                 pre[rows] = (x[rows] - self.b_dec) @ self.W_enc[r] + self.b_enc[r]
         return pre
 
-    def activation(self, pre, mask=None):
-        return torch.relu(pre)
+    def encode_with_pre(self, x, pos, mask):
+        pre = self.pre_activations(x, pos)
+        return torch.relu(pre), pre, {}
 
     @torch.no_grad()
     def mechanism_state(self) -> dict[str, float]:

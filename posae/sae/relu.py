@@ -8,5 +8,6 @@ from posae.sae.base import SAE
 
 
 class ReLUSAE(SAE):
-    def activation(self, pre, mask=None):
-        return torch.relu(pre)
+    def encode_with_pre(self, x, pos, mask):
+        pre = self.pre_activations(x)
+        return torch.relu(pre), pre, {}

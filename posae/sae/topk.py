@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posae.config import ConfigError
-from posae.sae.base import SAE, SAEConfig, SAEOutput
+from posae.sae.base import SAE, SAEConfig
 
 
 @dataclass
@@ -37,21 +37,19 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
 class TopKSAE(SAE):
     config_class = TopKConfig
 
-    def select(self, pre: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Indices and (ReLU'd) values of each token's k largest pre-activations."""
+    def encode_with_pre(self, x, pos, mask):
+        """Each token's k largest pre-activations, ReLU'd; extras hold them sparse."""
+        pre = self.pre_activations(x)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return indices, torch.relu(values)
-
-    def activation(self, pre, mask=None):
-        indices, values = self.select(pre, mask)
-        return torch.zeros_like(pre).scatter(-1, indices, values)
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        pre = self.pre_activations(x, pos)
-        indices, values = self.select(pre, mask)
+        values = torch.relu(values)
         f = torch.zeros_like(pre).scatter(-1, indices, values)
-        x_hat = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        return SAEOutput(x_hat, f, pre, {"topk_indices": indices, "topk_values": values})
+        return f, pre, {"topk_indices": indices, "topk_values": values}
+
+    def decode(self, f, extras=None):
+        if extras and "topk_indices" in extras:
+            return sparse_decode(extras["topk_indices"], extras["topk_values"],
+                                 self.W_dec) + self.b_dec
+        return super().decode(f)
 
 
 class BatchTopKSAE(SAE):
@@ -91,30 +89,29 @@ class BatchTopKSAE(SAE):
             return chosen.indices // acts.shape[1], chosen.indices % acts.shape[1], chosen.values
         return chosen.indices // per_token, latents.flatten()[chosen.indices], chosen.values
 
-    def activation(self, pre, mask=None):
+    def encode_with_pre(self, x, pos, mask):
+        """Training: the batch's selection (and θ's update), held sparse in extras as
+        (token, latent, value) triples. Inference: pre ⊙ 1[pre > θ]."""
+        pre = self.pre_activations(x)
         if not self.training:
-            return pre * (pre > self.threshold)
-        tokens, latents, values = self.batch_select(pre, mask)
-        return self._dense(pre, tokens, latents, values)
-
-    def forward(self, x, pos=None, mask=None) -> SAEOutput:
-        pre = self.pre_activations(x, pos)
-        if not self.training:
-            f = self.activation(pre)
-            return SAEOutput(self.decode(f), f, pre)
+            return pre * (pre > self.threshold), pre, {}
         tokens, latents, values = self.batch_select(pre, mask)
         self._update_threshold(values)
-        order = (tokens * pre.shape[-1] + latents).argsort()  # bags of each token contiguous
-        counts = torch.bincount(tokens, minlength=pre[..., 0].numel())
-        x_hat = F.embedding_bag(latents[order], self.W_dec, counts.cumsum(0) - counts,
-                                mode="sum", per_sample_weights=values[order].to(self.W_dec.dtype))
-        return SAEOutput(x_hat.view(*pre.shape[:-1], -1) + self.b_dec,
-                         self._dense(pre, tokens, latents, values), pre)
-
-    @staticmethod
-    def _dense(pre: Tensor, tokens: Tensor, latents: Tensor, values: Tensor) -> Tensor:
         flat = torch.zeros_like(pre).view(-1, pre.shape[-1])
-        return flat.index_put((tokens, latents), values.to(pre.dtype)).view_as(pre)
+        f = flat.index_put((tokens, latents), values.to(pre.dtype)).view_as(pre)
+        return f, pre, {"selected_tokens": tokens, "selected_latents": latents,
+                        "selected_values": values}
+
+    def decode(self, f, extras=None):
+        if not (extras and "selected_tokens" in extras):
+            return super().decode(f)
+        tokens, latents = extras["selected_tokens"], extras["selected_latents"]
+        order = (tokens * f.shape[-1] + latents).argsort()  # bags of each token contiguous
+        counts = torch.bincount(tokens, minlength=f[..., 0].numel())
+        x_hat = F.embedding_bag(latents[order], self.W_dec, counts.cumsum(0) - counts,
+                                mode="sum", per_sample_weights=extras["selected_values"][order]
+                                .to(self.W_dec.dtype))
+        return x_hat.view(*f.shape[:-1], -1) + self.b_dec
 
     def mechanism_state(self) -> dict[str, float]:
         return {"threshold": self.threshold.item()}

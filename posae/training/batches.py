@@ -1,4 +1,4 @@
-"""Batches of contiguous windows from whole cached sequences (DESIGN.md).
+"""Batches of contiguous windows from whole cached sequences (docs/ARCHITECTURE.md, "Training").
 
 A unit is (sequence, start): a window of `window` consecutive tokens that never crosses a
 sequence. Every epoch visits each training unit once in a seeded random order, so windows

@@ -1,5 +1,7 @@
-"""Learning-rate schedules as multipliers of optim.lr, and the check that every schedule of
-a run's config finishes within the run."""
+"""Every schedule of a run in one place: the one ramp type (`Ramp`) behind the learning-rate
+warmup, the loss coefficients' warmups, the curriculum's α (004) and the progressive mask
+(004 runs 6-8); the learning-rate multiplier; and the check that every schedule of a run's
+config finishes within the run."""
 
 from __future__ import annotations
 
@@ -11,15 +13,31 @@ from omegaconf import DictConfig, OmegaConf
 from posae.config import OptimConfig
 
 
+class Ramp:
+    """`value` × clip((step - delay) / length, 0, 1): 0 until `delay`, linear to `value` over
+    `length` steps, then `value` (a step at `delay` when length is 0)."""
+
+    def __init__(self, value: float = 1.0, delay: int = 0, length: int = 0):
+        self.value, self.delay, self.length = float(value), int(delay), int(length)
+
+    def __call__(self, step: int) -> float:
+        if self.length <= 0:
+            return self.value if step >= self.delay else 0.0
+        return self.value * min(1.0, max(0.0, (step - self.delay) / self.length))
+
+
 def lr_multiplier(cfg: OptimConfig, total_steps: int):
     """constant: 1. warmup: linear 0 → 1 over warmup_steps, then 1. cosine: the same warmup,
     then cosine decay to min_lr_ratio at the last step."""
+
+    # the optimiser's first step is step 0 and must not have lr 0: the ramp starts one early
+    warmup = Ramp(1.0, delay=-1, length=cfg.warmup_steps)
 
     def multiplier(step: int) -> float:
         if cfg.schedule == "constant":
             return 1.0
         if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+            return warmup(step)
         if cfg.schedule == "warmup":
             return 1.0
         span = max(1, total_steps - cfg.warmup_steps)

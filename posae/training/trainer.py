@@ -3,15 +3,12 @@
 Each step: this process's share of the global batch → SAE forward (bf16 autocast on GPU)
 → weighted loss terms, each a mean over the global batch's counted tokens → backward
 (gradients averaged across processes) → decoder-gradient projection, clipping, optimiser
-and LR step → unit-norm decoder → global statistics (losses, L0, firing) → dead-latent
-tracker and coefficient controllers. Checkpoints every N steps and on SIGTERM/SIGINT.
-At each log step the statistics, with every mechanism's state (`mech/...`, from
-`SAE.mechanism_state`) and the resampling record (`resample/...`), go to the logger and
-to the run folder's `train_log.jsonl`.
-
-Resampling (`trainer.resample_every` = r) happens after steps r, 2r, … but never in the
-last r steps: a re-initialised latent always gets a full interval to recover before the
-run ends, at every scale.
+and LR step → unit-norm decoder → global statistics (losses, L0, firing, the stop flag:
+one all-reduce) → step hooks (posae/training/hooks.py): dead-latent tracking, resampling,
+the loss coefficients' controllers, the SAE's own per-step state. Checkpoints every N
+steps and on SIGTERM/SIGINT. At each log step the statistics, with every mechanism's state
+(`mech/...` from `SAE.mechanism_state`, and each hook's `logged_state`), go to the logger
+and to the run folder's `train_log.jsonl`.
 """
 
 from __future__ import annotations
@@ -30,13 +27,14 @@ from tqdm.auto import tqdm
 
 from posae.config import ConfigError, OptimConfig, TrainerConfig
 from posae.data.cache_reader import ActivationCache
-from posae.losses import LossTerm, StepContext
+from posae.losses import LossTerm
 from posae.sae.base import SAE
 from posae.training.batches import BatchLoader, WindowOrder
 from posae.training.checkpoint import save_checkpoint
 from posae.training.dead import DeadLatents
+from posae.training.hooks import StepContext, StepEnd, StepHook
 from posae.training.host_memory import keep_freed_host_memory
-from posae.training.resampling import PositionActivity, lowest_fraction, resample_latents
+from posae.training.resampling import Resampler, resample_policy
 from posae.training.schedule import lr_multiplier
 from posae.training.step_log import StepLog
 
@@ -101,16 +99,30 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, lr_multiplier(optim, self.total_steps))
         self.dead = DeadLatents(self.sae.cfg.d_sae, cfg.dead_after_tokens, accelerator.device)
-        self.activity = (PositionActivity(cache.context_size, self.sae.cfg.d_sae,
-                                          accelerator.device)
-                         if cfg.resample_select == "temporal_importance" else None)
         self.generator = torch.Generator().manual_seed(seed)
+        self.hooks = self._register_hooks(cache.context_size)
         self.step = 0
         self.stop_signal = 0
+        self.stop_requested = False  # some process was asked to stop (set by each step)
         self.last_stats: dict[str, float] = {}
-        self.resampled = {"resample/rounds": 0.0}
         self.last_batch = None  # the last step's last micro-batch (checked before a save)
         self.step_log = StepLog(run_dir, accelerator.is_main_process)
+
+    def _register_hooks(self, context_size: int) -> dict[str, tuple[str, StepHook]]:
+        """name → (log prefix, hook), in the order they run (posae/training/hooks.py)."""
+        hooks: dict[str, tuple[str, StepHook]] = {"dead": ("", self.dead)}
+        if self.cfg.resample_every:
+            policy = resample_policy(self.cfg.resample)
+            policy.bind(self.sae.cfg.d_sae, context_size, self.accelerator.device, self.generator)
+            hooks["resampling"] = ("", Resampler(
+                policy, self.cfg.resample_every, self.total_steps, self.sae,
+                self.optimizer.optimizer, self.dead, self.generator, self._explained_variance,
+                lambda tensor: broadcast(tensor, from_process=0)))
+        for name, term in self.terms.items():
+            hooks[f"coef/{name}"] = (f"coef/{name}_", term.coefficient)
+        for i, hook in enumerate(self.sae.step_hooks()):
+            hooks[f"sae/{i}"] = ("", hook)
+        return hooks
 
     # ----- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -120,10 +132,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
-            "dead": self.dead.state_dict(),
-            "activity": self.activity.state_dict() if self.activity else {},
-            "resampled": dict(self.resampled),
-            "coefficients": {n: t.coefficient.state_dict() for n, t in self.terms.items()},
+            "hooks": {name: hook.state_dict() for name, (_, hook) in self.hooks.items()},
             "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
             "wandb_run_id": self.logger.run_id,
         }
@@ -134,12 +143,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.order.load_state_dict(state["order"])
-        self.dead.load_state_dict(state["dead"])
-        if self.activity:
-            self.activity.load_state_dict(state["activity"])
-        self.resampled = dict(state.get("resampled", {"resample/rounds": 0.0}))
-        for name, term in self.terms.items():
-            term.coefficient.load_state_dict(state["coefficients"][name])
+        hook_states = state["hooks"] if "hooks" in state else hook_states_before_hooks(state)
+        for name, (_, hook) in self.hooks.items():
+            hook.load_state_dict(hook_states.get(name, {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         self.generator.set_state(state["rng"]["generator"].cpu())
 
@@ -165,9 +171,6 @@ class Trainer:
                                                   f"{worst:.4g} on its batch")
 
     def save_checkpoint(self) -> None:
-        # apply state an SAE keeps pending for its next step (PA-SAE's recorded gradients,
-        # all-reduced: every process takes part), so a checkpoint holds no per-process state
-        self.sae.before_step(self.step)
         self.check_finite()
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.keep_checkpoints)
@@ -181,11 +184,12 @@ class Trainer:
         batches = [self.loader.load(part) for part in np.array_split(units, self.cfg.micro_batches)]
         n_local = sum(batch.mask.sum() for batch in batches).float()
         n_global = self.accelerator.reduce(n_local, "sum").item()
-        ctx = StepContext(self.step, max(n_global, 1.0) / self.world, self.sae, self.dead.dead)
-        coefs = {name: term.coefficient(self.step) for name, term in self.terms.items()}
-        self.sae.before_step(self.step)
         scaler = self.accelerator.scaler
-        self.sae.set_token_gradient_scale(ctx.n_tokens / (scaler.get_scale() if scaler else 1.0))
+        ctx = StepContext(self.step, max(n_global, 1.0) / self.world, self.sae, self.dead.dead,
+                          scaler.get_scale() if scaler else 1.0)
+        coefs = {name: term.coefficient(self.step) for name, term in self.terms.items()}
+        for _, hook in self.hooks.values():
+            hook.on_step_start(ctx)
         local = 0
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -195,10 +199,10 @@ class Trainer:
                     values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
                     loss = sum(coefs[name] * value for name, value in values.items())
                 self.accelerator.backward(loss)
-            codes = out.input_codes.detach()
-            local = local + self._local_stats(codes, out.x_hat.detach(), batch, values)
-            if self.activity:
-                self.activity.update(codes, batch.mask, batch.pos)
+            local = local + self._local_stats(out.input_codes.detach(), out.x_hat.detach(),
+                                              batch, values)
+            for _, hook in self.hooks.values():
+                hook.on_batch(out, batch)
         if self.sae.cfg.normalize_decoder:
             self.sae.remove_parallel_decoder_grad_()
         if self.cfg.grad_clip:
@@ -208,53 +212,48 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.sae.cfg.normalize_decoder:
             self.sae.normalize_decoder_()
-        stats = self._global_stats(local, list(values), coefs, n_global)
+        stats, fired, self.stop_requested = self._global_stats(local, list(values), coefs,
+                                                               n_global)
         self.last_batch = batch
         self.step += 1
-        if self.resampling_due():
-            self._resample(batch, out.x_hat.detach())
-        for term in self.terms.values():
-            term.coefficient.update(stats)
+        end = StepEnd(self.step, stats, fired, int(n_global), batch, out.x_hat.detach())
+        for _, hook in self.hooks.values():
+            hook.on_step_end(end, self.accelerator.reduce)
         return stats
 
-    @staticmethod
-    def _local_stats(f, x_hat, batch, values) -> torch.Tensor:
-        """This piece's sums: term values, L0, squared error, Σx², Σx, latents fired."""
+    def _local_stats(self, f, x_hat, batch, values) -> torch.Tensor:
+        """This piece's sums: term values, L0, squared error, Σx², Σx, latents fired, and
+        whether this process was asked to stop (folded into the statistics' all-reduce)."""
         active = f != 0
         active &= batch.mask[..., None]
         x, err = batch.x[batch.mask], (x_hat.float() - batch.x)[batch.mask]
         return torch.cat([torch.stack([v.detach().float() for v in values.values()]),
                           torch.count_nonzero(active).float()[None],  # bool .sum() is slow
                           err.pow(2).sum()[None], x.pow(2).sum()[None], x.sum(0),
-                          active.flatten(0, -2).any(0).float()])
+                          active.flatten(0, -2).any(0).float(),
+                          x.new_tensor([float(self.stop_signal != 0)])])
 
-    def _global_stats(self, local, names, coefs, n_global) -> dict[str, float]:
-        """One all-reduce of the step's sums, turned into logged statistics."""
+    def _global_stats(self, local, names, coefs, n_global):
+        """One all-reduce of the step's sums: the logged statistics, the latents that fired
+        somewhere in the global batch, and whether any process was asked to stop."""
         total = self.accelerator.reduce(local, "sum")
         k, d = len(names), self.sae.cfg.d_in
         sq_err, sq_x, sum_x = total[k + 1], total[k + 2], total[k + 3 : k + 3 + d]
-        self.dead.update(total[k + 3 + d :] > 0, int(n_global))
+        fired = total[k + 3 + d : -1] > 0
         n = max(n_global, 1.0)
         stats = {f"loss/{name}": total[i].item() / self.world for i, name in enumerate(names)}
         stats["loss/total"] = sum(coefs[name] * stats[f"loss/{name}"] for name in names)
         stats.update({f"coef/{name}": c for name, c in coefs.items()})
         stats["l0"] = total[k].item() / n
         stats["fvu"] = (sq_err / (sq_x - sum_x.pow(2).sum() / n).clamp_min(1e-12)).item()
-        stats["dead_fraction"] = self.dead.dead.float().mean().item()
         stats["lr"] = self.scheduler.get_last_lr()[0]
-        return stats
-
-    def resampling_due(self) -> bool:
-        every = self.cfg.resample_every
-        return bool(every) and self.step % every == 0 and self.step + every <= self.total_steps
+        return stats, fired, bool(total[-1].item())
 
     def mechanism_stats(self) -> dict[str, float]:
-        """The state of every mechanism: the SAE's own (`mech/`), the resampling record."""
+        """The state of every mechanism: the SAE's own (`mech/`) and every hook's."""
         stats = {f"mech/{name}": value for name, value in self.sae.mechanism_state().items()}
-        stats.update({f"coef/{term}_{key}": value for term, t in self.terms.items()
-                      for key, value in t.coefficient.logged_state().items()})
-        if self.cfg.resample_every:
-            stats.update(self.resampled)
+        for prefix, hook in self.hooks.values():
+            stats.update({f"{prefix}{key}": value for key, value in hook.logged_state().items()})
         return stats
 
     @torch.no_grad()
@@ -267,33 +266,6 @@ class Trainer:
             x_hat = self.sae(batch.x, batch.pos, batch.mask).x_hat[batch.mask].float()
         self.sae.train()
         return 1 - ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
-
-    def _resample(self, batch, x_hat) -> None:
-        if self.activity:
-            self.activity.sums.copy_(self.accelerator.reduce(self.activity.sums, "sum"))
-            self.activity.counts.copy_(self.accelerator.reduce(self.activity.counts, "sum"))
-            latents = lowest_fraction(self.activity.scores(self.cfg.resample_gamma),
-                                      self.cfg.resample_fraction)
-            self.activity.reset()
-        elif self.cfg.resample_select == "random":
-            latents = lowest_fraction(torch.rand(self.sae.cfg.d_sae, generator=self.generator),
-                                      self.cfg.resample_fraction).to(self.accelerator.device)
-        else:
-            latents = self.dead.dead.nonzero().squeeze(-1)
-        if latents.numel() == 0:
-            return
-        x = batch.x[batch.mask]
-        scores = (x - x_hat[batch.mask].float()).pow(2).sum(-1).pow(2)
-        ev_before = self._explained_variance(batch)
-        resample_latents(self.sae, self.optimizer.optimizer, latents, x, scores, self.generator)
-        for param in (self.sae.W_enc, self.sae.W_dec, self.sae.b_enc):
-            param.data.copy_(broadcast(param.data, from_process=0))
-        self.dead.tokens_since_fired[latents] = 0
-        self.resampled = {"resample/rounds": self.resampled["resample/rounds"] + 1,
-                          "resample/step": float(self.step),
-                          "resample/latents": float(latents.numel()),
-                          "resample/ev_before": ev_before,
-                          "resample/ev_after": self._explained_variance(batch)}
 
     # ----- the loop ----------------------------------------------------------------------
     def fit(self) -> float:
@@ -316,13 +288,10 @@ class Trainer:
                     self.step_log.write(self.step, stats)
                     bar.set_postfix(loss=f"{stats['loss/total']:.3g}", l0=f"{stats['l0']:.1f}",
                                     dead=f"{stats['dead_fraction']:.2f}")
-                stop = self.accelerator.reduce(
-                    torch.tensor(float(self.stop_signal), device=self.accelerator.device), "max")
-                if self.step % self.cfg.checkpoint_every == 0 or stop.item():
+                if self.step % self.cfg.checkpoint_every == 0 or self.stop_requested:
                     self.save_checkpoint()
-                if stop.item():
+                if self.stop_requested:
                     raise TrainingInterrupted(self.stop_signal or signal.SIGTERM)
-            self.sae.before_step(self.step)  # apply pending state before the SAE is saved
             self.check_finite()
             self.last_stats.update(self.mechanism_stats())
             self.last_stats.setdefault("dead_fraction", self.dead.dead.float().mean().item())
@@ -334,3 +303,12 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
+
+
+def hook_states_before_hooks(state: dict) -> dict:
+    """The hooks' states in a checkpoint written before the step hooks (2026-12-02), which
+    kept them under their own keys."""
+    return {"dead": state["dead"],
+            "resampling": {"record": state.get("resampled", {"resample/rounds": 0.0}),
+                           "policy": state.get("activity", {})},
+            **{f"coef/{name}": value for name, value in state["coefficients"].items()}}
