@@ -2,7 +2,8 @@
 
 A saved SAE is a folder with `cfg.json` (architecture name, its typed config, and where
 its inputs come from) and `sae_weights.safetensors`. Loading looks the name up in
-`REGISTRY`; nothing from the folder is executed.
+`REGISTRY` (or imports the SAE class a dotted name names); nothing else from the folder
+is executed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
 
 from posae.config import ConfigError, typed
@@ -47,10 +49,20 @@ CHANGED_IN = {"pa_sae": 2, "hierarchical": 2}
 
 
 def architecture(name: str) -> type[SAE]:
-    if name not in REGISTRY:
-        raise ConfigError(f"variant.name: unknown SAE architecture {name!r}; "
-                          f"known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    """The SAE class of a registry name, or of a dotted class path (`mypackage.my_sae.MySAE`):
+    a new architecture needs no entry here. A path must name an SAE subclass."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if "." in name:
+        try:
+            cls = get_class(name)
+        except Exception as err:
+            raise ConfigError(f"variant.architecture: {name!r}: {err}") from None
+        if isinstance(cls, type) and issubclass(cls, SAE):
+            return cls
+        raise ConfigError(f"variant.architecture: {name} is not an SAE class")
+    raise ConfigError(f"variant.name: unknown SAE architecture {name!r}; known: "
+                      f"{', '.join(sorted(REGISTRY))}, or the dotted path of an SAE class")
 
 
 def sae_config(variant, d_in: int) -> SAEConfig:

@@ -111,8 +111,8 @@ def resample_policy(node) -> ResamplePolicy:
     check_targets(node, "trainer.resample", ResamplePolicy)
     try:
         return instantiate(node)
-    except Exception as err:  # Hydra wraps the cause; name the key in the message
-        raise ConfigError(f"trainer.resample: {err}") from None
+    except Exception as err:  # Hydra wraps the cause: name the key and the cause
+        raise ConfigError(f"trainer.resample: {err.__cause__ or err}") from None
 
 
 class ResamplePolicy:
@@ -138,7 +138,7 @@ class ResamplePolicy:
 
 def _fraction(value: float, key: str) -> float:
     if not 0 <= value <= 1:
-        raise ValueError(f"trainer.resample.{key}: must be in [0, 1], got {value}")
+        raise ValueError(f"{key} must be in [0, 1], got {value}")
     return float(value)
 
 
@@ -160,7 +160,7 @@ class ResampleByTemporalImportance(ResamplePolicy):
     def __init__(self, fraction: float = 0.1, gamma: float = 5.0):
         self.fraction = _fraction(fraction, "fraction")
         if not gamma >= 0:
-            raise ValueError(f"trainer.resample.gamma: must be non-negative, got {gamma}")
+            raise ValueError(f"gamma must be non-negative, got {gamma}")
         self.gamma = float(gamma)
 
     def bind(self, d_sae, context_size, device, generator):
