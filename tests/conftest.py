@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+import posae.sae  # noqa: E402,F401  (registers the architecture schemas compose needs)
 from posae.config import cache_request, model_config  # noqa: E402
 from posae.models.lm import load_language_model  # noqa: E402
 

@@ -68,8 +68,8 @@ CASES = [
      ["variant=pa_sae"], "mech/importance_weight_clipped_fraction", 0.01),
     # α follows 1 - FVU, which is 0 while the tied initialisation's overshoot keeps FVU > 1
     ("atr temporal R_t with momentum alpha (001 eq. 2-3)",
-     ["variant=atr", "+variant.encoder_init=kaiming_uniform", "loss.temporal.coef.value=0.05"],
-     ["variant=atr", "+variant.encoder_init=kaiming_uniform", "loss=[mse,l1_adaptive]"],
+     ["variant=atr", "variant.encoder_init=kaiming_uniform", "loss.temporal.coef.value=0.05"],
+     ["variant=atr", "variant.encoder_init=kaiming_uniform", "loss=[mse,l1_adaptive]"],
      "coef/temporal", 1e-4),
     ("temporal_fixed", ["variant=atr", "loss=[mse,l1,temporal_fixed]", "loss.temporal.coef=0.05"],
      ["variant=atr", "loss=[mse,l1]"], None, 0),

@@ -229,6 +229,15 @@ def test_curriculum_adapters_are_off_before_the_delay_and_routed_by_position_ran
     assert out.extras["curriculum"] == 1.0
 
 
+def test_schedules_move_the_buffers_of_a_moved_module():
+    """Moving a module (to a GPU, to another dtype) replaces its buffers: the step hook must
+    move the module's current buffer, not the one it was built with."""
+    sae = build("curriculum", context_size=8, curriculum_delay=0, curriculum_length=10)
+    sae.double()
+    end_step(sae, 5)
+    assert sae.curriculum.item() == 0.5
+
+
 def test_tc_sae_initialisation_is_kaiming_uniform_encoder_and_orthogonal_decoder():
     from posae.sae import REGISTRY, build_sae
 

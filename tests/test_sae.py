@@ -88,6 +88,21 @@ def test_folding_the_input_scale_keeps_codes_and_rescales_output(name):
     torch.testing.assert_close(after.x_hat, before.x_hat / scale, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,extra", [(name, {}) for name in sorted(REGISTRY)]
+                         + [("pa_sae", {"mask": "none"}), ("pa_sae", {"mask": "fixed"})])
+def test_an_architecture_declares_when_a_parameter_gets_no_gradient(name, extra):
+    """Data parallelism looks for unused parameters only where the architecture says some
+    may be (`leaves_parameters_unused`); one it does not declare would fail there. (The
+    curriculum's adapters are idle before its delay.)"""
+    sae = make(name, **extra).train()
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    (out.x_hat - x).pow(2).sum().backward()
+    unused = [n for n, p in sae.named_parameters() if p.grad is None]
+    # and it declares none needlessly: the search costs time on every step
+    assert bool(unused) == sae.leaves_parameters_unused(), unused
+
+
 def test_unit_norm_decoder_rows_and_parallel_gradient_removed():
     sae = make("relu")
     with torch.no_grad():

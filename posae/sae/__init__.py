@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
 
@@ -40,6 +41,34 @@ REGISTRY: dict[str, type[SAE]] = {
     "range_encoders": RangeEncoderSAE,
     "multiscale": MultiScaleSAE,
 }
+
+# Filled in from the run, never configured: d_in by `sae_config` (the model's width), the
+# context size by interpolation of the top-level `context_size`.
+INJECTED = {"d_in": None, "context_size": "${context_size}"}
+
+
+def register_schemas() -> None:
+    """Each architecture's config dataclass as `architecture/<name>` in Hydra's ConfigStore:
+    the one place its defaults live. A variant file selects one (`/architecture@variant:
+    relu` in its defaults) and sets only what differs (docs/ARCHITECTURE.md, "Configs")."""
+    store = ConfigStore.instance()
+    for name, cls in REGISTRY.items():
+        node = {}
+        for field in dataclasses.fields(cls.config_class):
+            if field.name in INJECTED:
+                if INJECTED[field.name] is not None:
+                    node[field.name] = INJECTED[field.name]
+            elif field.default is not dataclasses.MISSING:
+                node[field.name] = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                node[field.name] = field.default_factory()
+            else:
+                node[field.name] = "???"  # the variant must set it (its name)
+        node["architecture"] = name
+        store.store(group="architecture", name=name, node=node)
+
+
+register_schemas()
 
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 # 2 (2026-12): PA-SAE rates stopped scaling the forward pass; the hierarchical SAE's routing

@@ -107,9 +107,6 @@ class SAE(nn.Module):
     provides: ClassVar[frozenset[str]] = frozenset()
     # The codes depend on the token's position: forward and encode refuse pos=None.
     needs_positions: ClassVar[bool] = False
-    # Some parameter may get no gradient in a step (an adapter whose position range is not
-    # in the batch): data parallelism must then look for unused parameters.
-    may_leave_parameters_unused: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -159,6 +156,11 @@ class SAE(nn.Module):
     def pre_activations(self, x: Tensor) -> Tensor:
         """(x - b_dec) W_enc + b_enc, the shared encoder."""
         return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)
+
+    def leaves_parameters_unused(self) -> bool:
+        """Whether some parameter may get no gradient in a step (an idle adapter, a switched
+        off mask), so that data parallelism must look for unused parameters (slower)."""
+        return False
 
     def step_hooks(self) -> list:
         """The `StepHook`s that move this architecture's per-step state; default none."""

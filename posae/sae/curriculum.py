@@ -36,7 +36,6 @@ class CurriculumSAE(SAE):
     config_class = CurriculumConfig
     provides = frozenset({"l1_codes", "adapter_delta", "curriculum"})
     needs_positions = True
-    may_leave_parameters_unused = True  # idle adapters, ranges missing from a batch
 
     def __init__(self, cfg: CurriculumConfig):
         super().__init__(cfg)
@@ -48,7 +47,10 @@ class CurriculumSAE(SAE):
         self.dropout = nn.Dropout(cfg.adapter_dropout)
         ramp = Ramp(1.0, cfg.curriculum_delay, cfg.curriculum_length)
         self.register_buffer("curriculum", torch.tensor(ramp(0)))
-        self.clock = FollowSchedule(self.curriculum, ramp)
+        self.clock = FollowSchedule(self, "curriculum", ramp)
+
+    def leaves_parameters_unused(self) -> bool:
+        return True  # adapters idle while α = 0, and those of ranges missing from a batch
 
     def step_hooks(self) -> list[StepHook]:
         return [self.clock]

@@ -115,6 +115,9 @@ class PASAE(SAE):
         self.token_gradient_scale = 1.0
         self.statistics = CodeGradientStatistics(self)
 
+    def leaves_parameters_unused(self) -> bool:
+        return self.cfg.mask == "none"  # the mask logits exist but take no part
+
     def step_hooks(self) -> list[StepHook]:
         return [self.statistics]
 

@@ -57,7 +57,7 @@ class PositionMaskedSAE(SAE):
         self.register_buffer("mask", mask, persistent=False)
         ramp = Ramp(1.0, delay=0, length=cfg.schedule_steps)  # 1 from the start without one
         self.register_buffer("strength", torch.tensor(ramp(0)))
-        self.schedule = FollowSchedule(self.strength, ramp) if cfg.schedule_steps else None
+        self.schedule = FollowSchedule(self, "strength", ramp) if cfg.schedule_steps else None
 
     def step_hooks(self) -> list[StepHook]:
         return [self.schedule] if self.schedule else []

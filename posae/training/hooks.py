@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from posae.sae.base import SAE, SAEOutput
@@ -80,12 +80,14 @@ class StepHook:
 
 
 class FollowSchedule(StepHook):
-    """Keeps a scalar buffer of the SAE at `schedule(step)` (a `posae.training.schedule.Ramp`):
-    the curriculum's α (004 eq. 3), the progressive mask's strength (004 runs 6-8). The
-    buffer is part of the SAE's state, so it is checkpointed and saved with the SAE."""
+    """Keeps the scalar buffer `name` of `module` at `schedule(step)` (a
+    `posae.training.schedule.Ramp`): the curriculum's α (004 eq. 3), the progressive mask's
+    strength (004 runs 6-8). The buffer is part of the SAE's state, so it is checkpointed and
+    saved with the SAE; it is looked up by name at each step, since moving the module to a
+    device replaces its buffers."""
 
-    def __init__(self, buffer: Tensor, schedule: Callable[[int], float]):
-        self.buffer, self.schedule = buffer, schedule
+    def __init__(self, module: nn.Module, name: str, schedule: Callable[[int], float]):
+        self.module, self.name, self.schedule = module, name, schedule
 
     def on_step_end(self, end: StepEnd, reduce: Reduce) -> None:
-        self.buffer.fill_(self.schedule(end.step))
+        getattr(self.module, self.name).fill_(self.schedule(end.step))

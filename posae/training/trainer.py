@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
+from accelerate.utils import DistributedDataParallelKwargs, broadcast
 from tqdm.auto import tqdm
 
 from posae.config import ConfigError, OptimConfig, TrainerConfig
@@ -93,6 +93,9 @@ class Trainer:
                                   accelerator.device)
         with torch.no_grad():
             sae.b_dec.copy_(torch.tensor(cache.stats["mean"]) * self.scale)
+        # read by `prepare` when it wraps the SAE for data parallelism
+        accelerator.ddp_handler = DistributedDataParallelKwargs(
+            find_unused_parameters=sae.leaves_parameters_unused())
         self.model, self.optimizer = accelerator.prepare(sae, make_optimizer(sae.parameters(),
                                                                              optim))
         self.sae: SAE = accelerator.unwrap_model(self.model)
