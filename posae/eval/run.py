@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from posae.eval.absorption import AbsorptionConfig, absorption
 from posae.eval.held_out import held_out_pass
 from posae.eval.preservation import model_preservation
 from posae.eval.recovery import recovery
+from posae.eval.safe import json_safe
 from posae.eval.sparse_probing import (
     load_probing_task,
     probing_config,
@@ -145,18 +145,6 @@ def _preservation_sequences(inputs: RunInputs, ids: np.ndarray, batch: int):
         yield tokens, attention, attention & ~torch.isin(tokens, special)
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items() if not k.startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 @torch.no_grad()
 def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
     """Evaluate `run_dir/sae`; write `metrics.json` and `plots/`; log a summary."""
@@ -265,7 +253,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
         timings["absorption"] = time.perf_counter() - start
     metrics["seconds"] = timings
     metrics["plots"] = sorted(str(p.relative_to(inputs.run_dir)) for p in figures.values())
-    metrics = _json_safe(metrics)
+    metrics = json_safe(metrics)
     tmp = inputs.run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(inputs.run_dir / "metrics.json")
