@@ -1,7 +1,8 @@
 """One pass over held-out sequences, float64 accumulators, for every cache-based metric
-(DESIGN.md, "Metric definitions"): core reconstruction and sparsity, the same as curves
-over positions, the feature × position activity table, adjacent-position stability, and
-the global/positional split of architectures that have one.
+(docs/metrics.md, sections `core`, `by_position`, `temporal`): core reconstruction and
+sparsity, the same as curves over positions, the feature × position activity table,
+adjacent-position stability, and the global/positional split of architectures that have
+one.
 
     MSE = E‖x − x̂‖²,  EV = 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²),  cosine = E cos(x, x̂),
     L2 ratio = E ‖x̂‖/‖x‖,  relative reconstruction bias = E‖x̂‖² / E[x·x̂],
@@ -25,16 +26,17 @@ the offset's mean norm is reported on its own (`core.code_offset_norm`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from posae.data.cache_reader import ActivationCache
 from posae.eval.safe import ratio
 from posae.losses.temporal import valid_pairs
 from posae.sae.base import SAE, SAEOutput
-from posae.training.batches import Batch
+from posae.training.batches import Batch, BatchLoader, whole_sequences
 
 DENSE_ABOVE = 0.1
 MIN_POSITION_TOKENS = 20
@@ -197,3 +199,13 @@ def held_out_pass(sae: SAE, batches: Iterable[Batch], context_size: int) -> dict
     for batch in batches:
         acc.add(batch, sae(batch.x, batch.pos, batch.mask))
     return acc.results()
+
+
+def raw_batches(cache: ActivationCache, ids: np.ndarray, batch_sequences: int,
+                train_on_special_tokens: bool, device: torch.device) -> Iterator[Batch]:
+    """Whole sequences `ids` of the cache, `batch_sequences` a batch, unscaled (a saved SAE
+    has the training input scale folded in: it reads raw activations), counting the tokens
+    training counted."""
+    loader = BatchLoader(cache, cache.context_size, 1.0, train_on_special_tokens, device)
+    return (loader.load(units) for units in whole_sequences(ids, batch_sequences))
+
