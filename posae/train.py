@@ -36,13 +36,13 @@ from posae.config import (
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
-from posae.eval.held_out import held_out_pass
+from posae.eval.held_out import HeldOutPass, held_out_pass, raw_batches
 from posae.eval.run import evaluate_run
 from posae.losses import LossTerm, build_loss_terms, check_contracts, match_l0
 from posae.losses.controllers import SparsityNotControlled
 from posae.provenance import provenance
 from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
-from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
+from posae.training.batches import held_out_split, split_fingerprint
 from posae.training.checkpoint import latest_checkpoint, resume_state
 from posae.training.loggers import make_logger
 from posae.training.run import (
@@ -59,6 +59,9 @@ from posae.training.trainer import Trainer, TrainingDiverged, TrainingInterrupte
 # Exit status of a run that trained but failed (diverged, or its L0 could not be set):
 # 1 is an uncaught exception, 2 a bad config or cache (posae.cli), 128 + n a signal.
 TRAINING_FAILED = 3
+# Sequences a batch of the held-out pass at training's end: eval.batch_sequences' default,
+# so that the evaluation that follows can use that pass (the chance pairs depend on it).
+HELD_OUT_BATCH = 32
 
 
 def make_accelerator(trainer_node) -> Accelerator:
@@ -199,10 +202,11 @@ def train_in(cfg: DictConfig, run_dir: Path, accelerator: Accelerator) -> None:
             "train_on_special_tokens": tcfg.train_on_special_tokens,
             "held_out_split": split_fingerprint(eval_ids),
         })
-        loader = BatchLoader(cache, req.context_size, 1.0, tcfg.train_on_special_tokens,
-                             accelerator.device)
-        metrics = held_out_pass(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)),
-                                req.context_size)["core"]
+        batches = raw_batches(cache, eval_ids, HELD_OUT_BATCH, tcfg.train_on_special_tokens,
+                              accelerator.device)
+        held_out = HeldOutPass(held_out_pass(final, batches, req.context_size), eval_ids,
+                               HELD_OUT_BATCH, accelerator.device, accelerator.mixed_precision)
+        metrics = held_out.result["core"]
         mechanisms = {k: v for k, v in trainer.last_stats.items()
                       if k.startswith(("mech/", "coef/", "resample/"))}
         summary = {"held_out": metrics, "final_train_stats": trainer.last_stats,
@@ -216,7 +220,7 @@ def train_in(cfg: DictConfig, run_dir: Path, accelerator: Accelerator) -> None:
                  metrics["dead_fraction"], run_dir / "sae")
         if ecfg.enabled:
             log.info("evaluating (eval.enabled=false skips this)")
-            evaluate_run(run_dir, ecfg, logger)
+            evaluate_run(run_dir, ecfg, logger, held_out)
         else:
             logger.summary({f"eval/core/{k}": v for k, v in metrics.items()})
     logger.finish()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -209,3 +210,31 @@ def raw_batches(cache: ActivationCache, ids: np.ndarray, batch_sequences: int,
     loader = BatchLoader(cache, cache.context_size, 1.0, train_on_special_tokens, device)
     return (loader.load(units) for units in whole_sequences(ids, batch_sequences))
 
+
+@dataclass
+class HeldOutPass:
+    """A `held_out_pass` result and what decides its numbers besides the SAE: the sequences,
+    how many a batch (the chance pairs are half a batch apart), the device, and the mixed
+    precision the SAE ran under (accelerate's name: "no", "bf16", "fp16"). Training's end
+    hands its pass to the evaluation, which runs the saved SAE at full precision."""
+
+    result: dict
+    sequences: np.ndarray
+    batch_sequences: int
+    device: torch.device
+    mixed_precision: str = "no"
+
+    def same_pass(self, sequences: np.ndarray, batch_sequences: int,
+                  device: torch.device) -> bool:
+        """Whether a full-precision pass over `sequences`, `batch_sequences` a batch on
+        `device`, computes these numbers."""
+        return (self.mixed_precision == "no" and self.batch_sequences == batch_sequences
+                and _concrete(self.device) == _concrete(device)
+                and np.array_equal(self.sequences, sequences))
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """`cuda` as the GPU it means now (`cuda:<current>`); other devices as they are."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -8,6 +8,7 @@ and the model-preservation splice (docs/metrics.md, "Held-out data").
 from __future__ import annotations
 
 import json
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from posae.config import ConfigError, EvalConfig, cache_request, trainer_config
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.sequences import SpecialTokens
-from posae.eval.held_out import held_out_pass, raw_batches
+from posae.eval.held_out import HeldOutPass, held_out_pass, raw_batches
 from posae.models.lm import LanguageModel, load_language_model, resolve_device
 from posae.sae import load_sae
 from posae.sae.base import SAE
 from posae.training.batches import held_out_split, split_fingerprint
+
+log = logging.getLogger("posae")
 
 RUN_CONFIG = "run_config.yaml"
 
@@ -78,16 +81,23 @@ class EvalInputs(RunInputs):
     lm: LanguageModel | None = None
     special: SpecialTokens | None = None
 
-    def __init__(self, run_dir: Path, cfg: EvalConfig):
+    def __init__(self, run_dir: Path, cfg: EvalConfig, handed_over: HeldOutPass | None = None):
         super().__init__(run_dir, resolve_device(cfg.device))
         self.ids = subsample(self.eval_ids, cfg.max_sequences)
         self.batch_sequences = cfg.batch_sequences
+        self.handed_over = handed_over
         self.plot_dir = self.run_dir / "plots"
         self.title = f"{self.sae.cfg.name} · {self.req.model.name} layer {self.layer}"
 
     @cached_property
     def held_out(self) -> dict:
-        """`held_out_pass` over the held-out sequences."""
+        """`held_out_pass` over the held-out sequences: the pass training's end handed over
+        when it is the same pass, else run now."""
+        if self.handed_over is not None and self.handed_over.same_pass(
+                self.ids, self.batch_sequences, self.device):
+            log.info("held-out pass: the one at the end of training (same SAE, sequences, "
+                     "batches and device)")
+            return self.handed_over.result
         return held_out_pass(self.sae, self.held_out_batches(self.ids, self.batch_sequences),
                              self.req.context_size)
 

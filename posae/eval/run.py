@@ -14,6 +14,7 @@ import torch
 
 from posae.config import EvalConfig
 from posae.eval.families import FAMILIES, LANGUAGE_MODEL_FAMILIES, families_to_run
+from posae.eval.held_out import HeldOutPass
 from posae.eval.inputs import EvalInputs, RunInputs
 from posae.eval.safe import json_safe
 
@@ -27,9 +28,12 @@ __all__ = ["METRIC_VERSION", "SCHEMA_VERSION", "RunInputs", "evaluate_run", "fla
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None) -> dict:
-    """Evaluate `run_dir/sae`; write `metrics.json` and `plots/`; log a summary."""
-    inputs = EvalInputs(run_dir, cfg)
+def evaluate_run(run_dir: Path, cfg: EvalConfig, logger=None,
+                 held_out: HeldOutPass | None = None) -> dict:
+    """Evaluate `run_dir/sae`; write `metrics.json` and `plots/`; log a summary. `held_out`:
+    the pass training's end ran on this SAE, used where it is the pass this evaluation
+    would run (HeldOutPass.same_pass)."""
+    inputs = EvalInputs(run_dir, cfg, held_out)
     sae = inputs.sae
     metrics = {"schema_version": SCHEMA_VERSION, "metric_version": METRIC_VERSION,
                "run_dir": str(inputs.run_dir),
