@@ -233,7 +233,7 @@ def held_out_at_end(final: SAE, plan: TrainingPlan, cache: ActivationCache,
     `held_out`, and the evaluation's own pass where that would be the same (HeldOutPass)."""
     batches = raw_batches(cache, eval_ids, HELD_OUT_BATCH, plan.trainer.train_on_special_tokens,
                           accelerator.device)
-    return HeldOutPass(held_out_pass(final, batches, plan.req.context_size), eval_ids,
+    return HeldOutPass(held_out_pass(final, batches, plan.req.context_size), final, eval_ids,
                        HELD_OUT_BATCH, accelerator.device, accelerator.mixed_precision)
 
 

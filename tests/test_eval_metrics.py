@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -349,7 +350,7 @@ def test_chance_pairs_do_not_come_from_the_neighbouring_sequence():
 def test_training_pass_stands_in_only_for_the_same_pass():
     """The chance pairs are half a batch of sequences apart, so the batch is part of what
     decides the numbers: training's held-out pass stands in for the evaluation's only with
-    the same sequences, batch, device and full precision (HeldOutPass.same_pass)."""
+    the same SAE, sequences, batch, device and full precision (HeldOutPass.same_pass)."""
     torch.manual_seed(0)
     sae = build_sae(REGISTRY["relu"].config_class(name="relu", d_in=8, width=32)).eval()
     rows = random_batches(n=1, b=8)[0]
@@ -360,8 +361,11 @@ def test_training_pass_stands_in_only_for_the_same_pass():
     assert whole["core"]["l0"] == pytest.approx(split["core"]["l0"])
     assert whole["temporal"]["adjacent_jaccard_chance"] != pytest.approx(
         split["temporal"]["adjacent_jaccard_chance"])
-    cpu, ids = torch.device("cpu"), np.arange(10)
-    done = HeldOutPass(whole, ids, 8, cpu)
-    assert done.same_pass(ids.copy(), 8, cpu)
-    assert not done.same_pass(ids[:5], 8, cpu) and not done.same_pass(ids, 4, cpu)
-    assert not HeldOutPass(whole, ids, 8, cpu, "bf16").same_pass(ids, 8, cpu)
+    cpu, ids, twin = torch.device("cpu"), np.arange(10), copy.deepcopy(sae)
+    done = HeldOutPass(whole, sae, ids, 8, cpu)
+    assert done.same_pass(twin, ids.copy(), 8, cpu)
+    assert not done.same_pass(twin, ids[:5], 8, cpu) and not done.same_pass(twin, ids, 4, cpu)
+    assert not HeldOutPass(whole, sae, ids, 8, cpu, "bf16").same_pass(twin, ids, 8, cpu)
+    with torch.no_grad():
+        twin.b_dec[0] += 1e-6
+    assert not done.same_pass(twin, ids, 8, cpu)

@@ -213,24 +213,34 @@ def raw_batches(cache: ActivationCache, ids: np.ndarray, batch_sequences: int,
 
 @dataclass
 class HeldOutPass:
-    """A `held_out_pass` result and what decides its numbers besides the SAE: the sequences,
-    how many a batch (the chance pairs are half a batch apart), the device, and the mixed
+    """A `held_out_pass` result and what decides its numbers: the SAE, the sequences, how
+    many a batch (the chance pairs are half a batch apart), the device, and the mixed
     precision the SAE ran under (accelerate's name: "no", "bf16", "fp16"). Training's end
     hands its pass to the evaluation, which runs the saved SAE at full precision."""
 
     result: dict
+    sae: SAE
     sequences: np.ndarray
     batch_sequences: int
     device: torch.device
     mixed_precision: str = "no"
 
-    def same_pass(self, sequences: np.ndarray, batch_sequences: int,
+    def same_pass(self, sae: SAE, sequences: np.ndarray, batch_sequences: int,
                   device: torch.device) -> bool:
-        """Whether a full-precision pass over `sequences`, `batch_sequences` a batch on
-        `device`, computes these numbers."""
+        """Whether a full-precision pass of `sae` over `sequences`, `batch_sequences` a
+        batch on `device`, computes these numbers: the same architecture, settings and
+        weights, and the same data in the same batches on the same device."""
         return (self.mixed_precision == "no" and self.batch_sequences == batch_sequences
                 and _concrete(self.device) == _concrete(device)
-                and np.array_equal(self.sequences, sequences))
+                and np.array_equal(self.sequences, sequences) and _same_weights(self.sae, sae))
+
+
+def _same_weights(a: SAE, b: SAE) -> bool:
+    """One architecture and config, and equal parameters and buffers (on one device)."""
+    if type(a) is not type(b) or a.cfg != b.cfg:
+        return False
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _concrete(device: torch.device) -> torch.device:

@@ -94,7 +94,7 @@ class EvalInputs(RunInputs):
         """`held_out_pass` over the held-out sequences: the pass training's end handed over
         when it is the same pass, else run now."""
         if self.handed_over is not None and self.handed_over.same_pass(
-                self.ids, self.batch_sequences, self.device):
+                self.sae, self.ids, self.batch_sequences, self.device):
             log.info("held-out pass: the one at the end of training (same SAE, sequences, "
                      "batches and device)")
             return self.handed_over.result
