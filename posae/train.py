@@ -7,13 +7,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
@@ -36,13 +36,14 @@ from posae.config import (
 from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
-from posae.eval.held_out import held_out_pass
+from posae.eval.held_out import HeldOutPass, held_out_pass, raw_batches
 from posae.eval.run import evaluate_run
 from posae.losses import LossTerm, build_loss_terms, check_contracts, match_l0
 from posae.losses.controllers import SparsityNotControlled
 from posae.provenance import provenance
-from posae.sae import SAEConfig, architecture, build_sae, sae_config, save_sae
-from posae.training.batches import BatchLoader, held_out_split, split_fingerprint, whole_sequences
+from posae.sae import SAE, SAEConfig, architecture, build_sae, sae_config
+from posae.sae.export import save_folded
+from posae.training.batches import held_out_split, split_fingerprint
 from posae.training.checkpoint import latest_checkpoint, resume_state
 from posae.training.loggers import make_logger
 from posae.training.run import (
@@ -59,6 +60,9 @@ from posae.training.trainer import Trainer, TrainingDiverged, TrainingInterrupte
 # Exit status of a run that trained but failed (diverged, or its L0 could not be set):
 # 1 is an uncaught exception, 2 a bad config or cache (posae.cli), 128 + n a signal.
 TRAINING_FAILED = 3
+# Sequences a batch of the held-out pass at training's end: eval.batch_sequences' default,
+# so that the evaluation that follows can use that pass (the chance pairs depend on it).
+HELD_OUT_BATCH = 32
 
 
 def make_accelerator(trainer_node) -> Accelerator:
@@ -148,32 +152,55 @@ def main(cfg: DictConfig) -> None:
 
 def train_in(cfg: DictConfig, run_dir: Path, accelerator: Accelerator) -> None:
     """Train (or resume, or skip a finished) run in `run_dir`, which this process holds."""
-    if cfg.resume == "auto" and finished(run_dir):
-        if added_or_removed := check_finished_run(cfg, run_dir):
-            log.warning("%s: keys the saved config of this finished run lacks or has beyond "
-                        "today's: %s", run_dir, ", ".join(added_or_removed))
-        log.info("%s already holds a finished run (resume=auto): skipped", run_dir)
+    if skipped_as_finished(cfg, run_dir):
         return
     cfg, checkpoint = run_config(cfg, run_dir, accelerator.is_main_process)
     plan = plan_training(cfg)  # everything validated before any compute
+    # the newest intact checkpoint, loaded once: the trainer's state and its W&B run's id
     resumed = resume_state(run_dir, accelerator.device) if checkpoint is not None else None
-    req, layer, tcfg, sae_cfg, ecfg = plan.req, plan.layer, plan.trainer, plan.sae, plan.eval
     cache, train_ids, eval_ids = open_training_cache(plan, accelerator)
     torch.manual_seed(cfg.seed)
     name, group = run_name_and_group(run_dir)
     logger = make_logger(cfg, run_dir, name, group,
                          resumed and resumed[1]["wandb_run_id"], accelerator.is_main_process)
-    trainer = Trainer(build_sae(sae_cfg), plan.terms, plan.optim, tcfg, cache, train_ids,
-                      cfg.seed, accelerator, run_dir, logger)
+    trainer = Trainer(build_sae(plan.sae), plan.terms, plan.optim, plan.trainer, cache,
+                      train_ids, cfg.seed, accelerator, run_dir, logger)
     if resumed is not None:
         trainer.load_state_dict(resumed[1])
         log.info("resuming %s from step %d (%s)", run_dir, trainer.step, resumed[0].name)
     log.info("training %s (%d latents) on %s layer %d: %d steps of %d tokens, %d processes",
-             sae_cfg.name, sae_cfg.d_sae, req.model.name, layer, trainer.total_steps,
-             tcfg.batch_tokens, accelerator.num_processes)
+             plan.sae.name, plan.sae.d_sae, plan.req.model.name, plan.layer, trainer.total_steps,
+             plan.trainer.batch_tokens, accelerator.num_processes)
     origin = provenance(accelerator.device)  # the code this process imported, at its start
+    seconds = fit_or_exit(trainer, run_dir, logger)
+    if accelerator.is_main_process:
+        final = save_folded(trainer.sae, trainer.scale, run_dir / "sae",
+                            sae_provenance(plan, cache, eval_ids))
+        held_out = held_out_at_end(final, plan, cache, eval_ids, accelerator)
+        write_train_summary(run_dir, held_out.result["core"], trainer, seconds, logger.run_id,
+                            origin)
+        evaluate_at_end(run_dir, plan.eval, held_out, logger)
+    logger.finish()
+
+
+def skipped_as_finished(cfg: DictConfig, run_dir: Path) -> bool:
+    """resume=auto on a folder that holds a finished run of this config: skip it (a run of
+    another config there is refused; keys only one side has are warned of)."""
+    if cfg.resume != "auto" or not finished(run_dir):
+        return False
+    if added_or_removed := check_finished_run(cfg, run_dir):
+        log.warning("%s: keys the saved config of this finished run lacks or has beyond "
+                    "today's: %s", run_dir, ", ".join(added_or_removed))
+    log.info("%s already holds a finished run (resume=auto): skipped", run_dir)
+    return True
+
+
+def fit_or_exit(trainer: Trainer, run_dir: Path, logger) -> float:
+    """Train to the end; the seconds it took. A signal exits 128 + n (resumable); a run
+    that diverged or whose L0 could not be set saves no model and exits TRAINING_FAILED
+    (in a multirun it raises, so that Hydra runs the sweep's other jobs first)."""
     try:
-        seconds = trainer.fit()
+        return trainer.fit()
     except TrainingInterrupted as stop:
         log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run_dir)
         logger.finish()
@@ -188,38 +215,53 @@ def train_in(cfg: DictConfig, run_dir: Path, accelerator: Accelerator) -> None:
             raise  # Hydra runs the sweep's other jobs, then fails the sweep with this
         sys.exit(TRAINING_FAILED)
 
-    if accelerator.is_main_process:
-        final = copy.deepcopy(trainer.sae).eval()
-        final.fold_input_scale_(trainer.scale)
-        save_sae(final, run_dir / "sae", {
-            "model": {"name": req.model.name, "hf_id": req.model.hf_id},
-            "layer": layer, "hook": cache.manifest["hook"], "context_size": req.context_size,
-            "dataset": req.dataset.name, "cache": str(cache.dir),
-            "folded_input_scale": trainer.scale,
-            "train_on_special_tokens": tcfg.train_on_special_tokens,
-            "held_out_split": split_fingerprint(eval_ids),
-        })
-        loader = BatchLoader(cache, req.context_size, 1.0, tcfg.train_on_special_tokens,
-                             accelerator.device)
-        metrics = held_out_pass(final, (loader.load(u) for u in whole_sequences(eval_ids, 32)),
-                                req.context_size)["core"]
-        mechanisms = {k: v for k, v in trainer.last_stats.items()
-                      if k.startswith(("mech/", "coef/", "resample/"))}
-        summary = {"held_out": metrics, "final_train_stats": trainer.last_stats,
-                   "mechanisms": mechanisms,
-                   "steps": trainer.step, "tokens": trainer.step * tcfg.batch_tokens,
-                   "train_seconds": seconds, "wandb_run_id": logger.run_id,
-                   "provenance": origin}
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
-                 metrics["explained_variance"], metrics["l0"], metrics["mse"],
-                 metrics["dead_fraction"], run_dir / "sae")
-        if ecfg.enabled:
-            log.info("evaluating (eval.enabled=false skips this)")
-            evaluate_run(run_dir, ecfg, logger)
-        else:
-            logger.summary({f"eval/core/{k}": v for k, v in metrics.items()})
-    logger.finish()
+
+def sae_provenance(plan: TrainingPlan, cache: ActivationCache, eval_ids: np.ndarray) -> dict:
+    """Where the saved SAE's inputs come from (its cfg.json; the evaluation checks the
+    held-out split against it)."""
+    return {"model": {"name": plan.req.model.name, "hf_id": plan.req.model.hf_id},
+            "layer": plan.layer, "hook": cache.manifest["hook"],
+            "context_size": plan.req.context_size, "dataset": plan.req.dataset.name,
+            "cache": str(cache.dir),
+            "train_on_special_tokens": plan.trainer.train_on_special_tokens,
+            "held_out_split": split_fingerprint(eval_ids)}
+
+
+def held_out_at_end(final: SAE, plan: TrainingPlan, cache: ActivationCache,
+                    eval_ids: np.ndarray, accelerator: Accelerator) -> HeldOutPass:
+    """The held-out pass of the saved SAE over every held-out sequence: train_summary.json's
+    `held_out`, and the evaluation's own pass where that would be the same (HeldOutPass)."""
+    batches = raw_batches(cache, eval_ids, HELD_OUT_BATCH, plan.trainer.train_on_special_tokens,
+                          accelerator.device)
+    return HeldOutPass(held_out_pass(final, batches, plan.req.context_size), final, eval_ids,
+                       HELD_OUT_BATCH, accelerator.device, accelerator.mixed_precision)
+
+
+def write_train_summary(run_dir: Path, held_out: dict, trainer: Trainer, seconds: float,
+                        wandb_run_id: str | None, origin: dict) -> None:
+    """train_summary.json: held-out core metrics, the last step's statistics (the
+    mechanisms' among them), steps, tokens, time, W&B run and code provenance."""
+    mechanisms = {k: v for k, v in trainer.last_stats.items()
+                  if k.startswith(("mech/", "coef/", "resample/"))}
+    summary = {"held_out": held_out, "final_train_stats": trainer.last_stats,
+               "mechanisms": mechanisms,
+               "steps": trainer.step, "tokens": trainer.step * trainer.cfg.batch_tokens,
+               "train_seconds": seconds, "wandb_run_id": wandb_run_id,
+               "provenance": origin}
+    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
+             held_out["explained_variance"], held_out["l0"], held_out["mse"],
+             held_out["dead_fraction"], run_dir / "sae")
+
+
+def evaluate_at_end(run_dir: Path, ecfg: EvalConfig, held_out: HeldOutPass, logger) -> None:
+    """The evaluation of the saved SAE (eval.enabled), which uses training's held-out pass
+    where it is the pass it would run; without it, the held-out core metrics to W&B."""
+    if ecfg.enabled:
+        log.info("evaluating (eval.enabled=false skips this)")
+        evaluate_run(run_dir, ecfg, logger, held_out)
+    else:
+        logger.summary({f"eval/core/{k}": v for k, v in held_out.result["core"].items()})
 
 
 if __name__ == "__main__":

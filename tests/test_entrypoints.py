@@ -36,6 +36,7 @@ def test_cache_entry_point_writes_every_requested_layer_in_one_pass(tmp_path):
     assert {p.parent.name for p in tmp_path.rglob("manifest.json")} == {"layer00", "layer05"}
 
 
+REUSED_PASS = "held-out pass: the one at the end of training"
 EVAL_SMALL = ["eval.enabled=true", "eval.probing.n_train=160", "eval.probing.n_test=40",
               "eval.absorption.max_words=400", "eval.preservation_sequences=4"]
 
@@ -52,6 +53,8 @@ def test_training_evaluates_at_its_end_and_evaluate_reruns_it(tmp_path):
     assert metrics["core"]["l0"] == pytest.approx(32)
     assert metrics["preservation"]["kind"] == "encoder"
     assert metrics["by_position"]["position"] == list(range(1, 31))  # not [CLS], [SEP]
+    # the held-out pass ran once: the evaluation used the one behind train_summary.json
+    assert result.output.count(REUSED_PASS) == 1
     pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert len(pngs) >= 4 and pngs == sorted(p.split("/")[-1] for p in metrics["plots"])
     # standalone, one family, same numbers for what both compute
@@ -60,6 +63,7 @@ def test_training_evaluates_at_its_end_and_evaluate_reruns_it(tmp_path):
     assert again.returncode == 0, again.output
     rerun = json.loads((run_dir / "metrics.json").read_text())
     assert rerun["core"] == metrics["core"] and "preservation" not in rerun
+    assert REUSED_PASS not in again.output  # standalone, the pass ran again, to these numbers
     # a run whose saved SAE records another held-out split is not evaluated on sequences it
     # may have trained on
     record = json.loads((run_dir / "sae" / "cfg.json").read_text())

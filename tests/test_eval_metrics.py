@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from conftest import identity_sae
 from test_hooks import build as build_tiny_lm
 
-from posae.eval.held_out import _pair_similarity, held_out_pass
+from posae.eval.held_out import HeldOutPass, _pair_similarity, held_out_pass
 from posae.eval.preservation import model_preservation
 from posae.eval.structure import (
     position_decodability,
@@ -344,3 +345,27 @@ def test_chance_pairs_do_not_come_from_the_neighbouring_sequence():
     assert chance == pytest.approx(1 / 19, abs=0.02)
     neighbour, _ = _pair_similarity(stream[1:, :-1].reshape(-1, k), stream[:-1, 1:].reshape(-1, k))
     assert neighbour.mean() > chance + 0.1  # what pairing with the previous row gave
+
+
+def test_training_pass_stands_in_only_for_the_same_pass():
+    """The chance pairs are half a batch of sequences apart, so the batch is part of what
+    decides the numbers: training's held-out pass stands in for the evaluation's only with
+    the same SAE, sequences, batch, device and full precision (HeldOutPass.same_pass)."""
+    torch.manual_seed(0)
+    sae = build_sae(REGISTRY["relu"].config_class(name="relu", d_in=8, width=32)).eval()
+    rows = random_batches(n=1, b=8)[0]
+    halves = [Batch(*(part[i:i + 4] for part in (rows.x, rows.pos, rows.mask, rows.tokens)))
+              for i in (0, 4)]
+    whole = held_out_pass(sae, [rows], 16)
+    split = held_out_pass(sae, halves, 16)
+    assert whole["core"]["l0"] == pytest.approx(split["core"]["l0"])
+    assert whole["temporal"]["adjacent_jaccard_chance"] != pytest.approx(
+        split["temporal"]["adjacent_jaccard_chance"])
+    cpu, ids, twin = torch.device("cpu"), np.arange(10), copy.deepcopy(sae)
+    done = HeldOutPass(whole, sae, ids, 8, cpu)
+    assert done.same_pass(twin, ids.copy(), 8, cpu)
+    assert not done.same_pass(twin, ids[:5], 8, cpu) and not done.same_pass(twin, ids, 4, cpu)
+    assert not HeldOutPass(whole, sae, ids, 8, cpu, "bf16").same_pass(twin, ids, 8, cpu)
+    with torch.no_grad():
+        twin.b_dec[0] += 1e-6
+    assert not done.same_pass(twin, ids, 8, cpu)

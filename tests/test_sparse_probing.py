@@ -1,4 +1,4 @@
-"""Sparse probing (posae/eval/sparse_probing.py): tasks, splits, probes, the whole protocol."""
+"""Sparse probing (posae/eval/sparse_probing/): tasks, splits, probes, the whole protocol."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Evaluation metrics (DESIGN.md, "Metric definitions")."""
+"""Evaluation of a trained SAE: metric families, metrics.json and plots (docs/metrics.md;
+docs/ARCHITECTURE.md, "Evaluation")."""

@@ -1,7 +1,8 @@
 """One pass over held-out sequences, float64 accumulators, for every cache-based metric
-(DESIGN.md, "Metric definitions"): core reconstruction and sparsity, the same as curves
-over positions, the feature × position activity table, adjacent-position stability, and
-the global/positional split of architectures that have one.
+(docs/metrics.md, sections `core`, `by_position`, `temporal`): core reconstruction and
+sparsity, the same as curves over positions, the feature × position activity table,
+adjacent-position stability, and the global/positional split of architectures that have
+one.
 
     MSE = E‖x − x̂‖²,  EV = 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²),  cosine = E cos(x, x̂),
     L2 ratio = E ‖x̂‖/‖x‖,  relative reconstruction bias = E‖x̂‖² / E[x·x̂],
@@ -25,16 +26,18 @@ the offset's mean norm is reported on its own (`core.code_offset_norm`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from posae.data.cache_reader import ActivationCache
 from posae.eval.safe import ratio
 from posae.losses.temporal import valid_pairs
 from posae.sae.base import SAE, SAEOutput
-from posae.training.batches import Batch
+from posae.training.batches import Batch, BatchLoader, whole_sequences
 
 DENSE_ABOVE = 0.1
 MIN_POSITION_TOKENS = 20
@@ -197,3 +200,51 @@ def held_out_pass(sae: SAE, batches: Iterable[Batch], context_size: int) -> dict
     for batch in batches:
         acc.add(batch, sae(batch.x, batch.pos, batch.mask))
     return acc.results()
+
+
+def raw_batches(cache: ActivationCache, ids: np.ndarray, batch_sequences: int,
+                train_on_special_tokens: bool, device: torch.device) -> Iterator[Batch]:
+    """Whole sequences `ids` of the cache, `batch_sequences` a batch, unscaled (a saved SAE
+    has the training input scale folded in: it reads raw activations), counting the tokens
+    training counted."""
+    loader = BatchLoader(cache, cache.context_size, 1.0, train_on_special_tokens, device)
+    return (loader.load(units) for units in whole_sequences(ids, batch_sequences))
+
+
+@dataclass
+class HeldOutPass:
+    """A `held_out_pass` result and what decides its numbers: the SAE, the sequences, how
+    many a batch (the chance pairs are half a batch apart), the device, and the mixed
+    precision the SAE ran under (accelerate's name: "no", "bf16", "fp16"). Training's end
+    hands its pass to the evaluation, which runs the saved SAE at full precision."""
+
+    result: dict
+    sae: SAE
+    sequences: np.ndarray
+    batch_sequences: int
+    device: torch.device
+    mixed_precision: str = "no"
+
+    def same_pass(self, sae: SAE, sequences: np.ndarray, batch_sequences: int,
+                  device: torch.device) -> bool:
+        """Whether a full-precision pass of `sae` over `sequences`, `batch_sequences` a
+        batch on `device`, computes these numbers: the same architecture, settings and
+        weights, and the same data in the same batches on the same device."""
+        return (self.mixed_precision == "no" and self.batch_sequences == batch_sequences
+                and _concrete(self.device) == _concrete(device)
+                and np.array_equal(self.sequences, sequences) and _same_weights(self.sae, sae))
+
+
+def _same_weights(a: SAE, b: SAE) -> bool:
+    """One architecture and config, and equal parameters and buffers (on one device)."""
+    if type(a) is not type(b) or a.cfg != b.cfg:
+        return False
+    ours, theirs = a.state_dict(), b.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """`cuda` as the GPU it means now (`cuda:<current>`); other devices as they are."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
