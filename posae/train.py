@@ -16,7 +16,6 @@ import hydra
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -70,10 +69,8 @@ def make_accelerator(trainer_node) -> Accelerator:
     precision = trainer_node.mixed_precision
     if precision == "auto":
         precision = "no" if cpu else "bf16"
-    # Some variants leave parameters without a gradient in a step (an adapter whose position
-    # range is absent from a batch of short windows, a switched-off mask): DDP must allow it.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[ddp])
+    # whether DDP looks for parameters without a gradient is the SAE's to say (Trainer)
+    return Accelerator(cpu=cpu, mixed_precision=precision)
 
 
 @dataclass
