@@ -323,10 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), collected,
                     provenance_line(rows))
     groups, non_finite = matched.aggregate(rows, first_metric)
-    # the declared order (the first is the baseline), whether or not a method has finished
-    methods, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in
-                                            expected_runs(config, only)))
-                         for only in (False, True))
+    # the declared order (the first is the baseline), whether or not a method has finished;
+    # then what this command asked for beyond it, then what earlier launches left in the folder
+    requested, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in
+                                              expected_runs(config, only)))
+                           for only in (False, True))
+    present = [key.split(" @ ")[0] for key in (row["key"] for row in rows)]
+    methods = list(dict.fromkeys([*(m for m in declared if m in requested or m in present),
+                                  *requested, *present]))
     if groups:
         common = int(paper.get("common_l0", matched.COMMON_L0))
         try:

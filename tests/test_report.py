@@ -320,6 +320,17 @@ def test_a_tiny_matched_protocol_reports_the_frontier_with_intervals(tmp_path, c
            open(sweep / "t1_0_baseline@l0_16_seed0" / "train_log.jsonl")]
     setpoints = [r["coef/l1_l0_setpoint"] for r in log if "coef/l1_l0_setpoint" in r]
     assert setpoints[0] > 16 and setpoints[-1] == 16
+    # a relaunch narrowed to one run rewrites multirun.yaml: the report still compares
+    # every run in the folder, in the experiment's order (the baseline first)
+    narrowed = run_module("posae.train", "-m", "+experiment=pa_sae_matched", *TINY,
+                          "+pa_sae_run=topk", "+matched_point=l0_32_seed0", "resume=auto",
+                          f"cache.root={cache_root}", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert narrowed.returncode == 0, narrowed.output[-3000:]
+    assert run_module("posae.report", str(sweep)).returncode == 0
+    text = (sweep / "report.md").read_text()
+    matched = text[text.index("## At matched L0 = 32"):text.index("## Effects")]
+    assert [line.split(" | ")[0] for line in matched.splitlines()[4:6]] == [
+        "| t1_0_baseline", "| topk"]
 
 
 @pytest.mark.slow
