@@ -221,6 +221,16 @@ def collect(sweep: Path, config: dict) -> Collected:
                      broken)
 
 
+def compared_methods(requested: list[str], declared: list[str], keys: list[str]) -> list[str]:
+    """The methods the matched tables compare: the experiment's declared ones that were asked
+    for or are in the folder, in the declared order (the first is the baseline), whether or
+    not they have finished; then what the command asked for beyond them; then what earlier
+    launches left in the folder (a narrowed relaunch rewrites multirun.yaml)."""
+    present = [key.split(" @ ")[0] for key in keys]
+    return list(dict.fromkeys([*(m for m in declared if m in requested or m in present),
+                               *requested, *present]))
+
+
 def paper_table(rows: list[dict], paper: dict) -> tuple[list[str], list[list]]:
     """The paper's metrics in its order, each our value followed by the paper's claim (for
     the metrics it claims anything about)."""
@@ -323,14 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(sweep, paper, (paper_header, paper_body), (labels, standard_body), collected,
                     provenance_line(rows))
     groups, non_finite = matched.aggregate(rows, first_metric)
-    # the declared order (the first is the baseline), whether or not a method has finished;
-    # then what this command asked for beyond it, then what earlier launches left in the folder
     requested, declared = (list(dict.fromkeys(key.split(" @ ")[0] for key in
                                               expected_runs(config, only)))
                            for only in (False, True))
-    present = [key.split(" @ ")[0] for key in (row["key"] for row in rows)]
-    methods = list(dict.fromkeys([*(m for m in declared if m in requested or m in present),
-                                  *requested, *present]))
+    methods = compared_methods(requested, declared, [row["key"] for row in rows])
     if groups:
         common = int(paper.get("common_l0", matched.COMMON_L0))
         try:
