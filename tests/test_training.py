@@ -88,12 +88,19 @@ def train_command(run_dir: Path, cache_root: Path, *extra: str) -> list[str]:
             f"hydra.run.dir={run_dir}", *extra]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_root) -> Path:
+    """The run both kill tests compare against, trained once."""
+    whole = tmp_path_factory.mktemp("whole")
+    subprocess.run(train_command(whole, cache_root), cwd=REPO, check=True, capture_output=True)
+    return whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cache_root, kill):
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path, cache_root, uninterrupted, kill):
     """A real signal mid-run; `resume=true` then finishes with exactly the uninterrupted SAE."""
-    whole = tmp_path / "whole"
-    subprocess.run(train_command(whole, cache_root), cwd=REPO, check=True, capture_output=True)
+    whole = uninterrupted
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_command(killed, cache_root), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -7,12 +7,15 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from posae.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:  # transformers takes seconds to import; training from a cache needs none of it
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ def load_language_model(cfg: ModelConfig, device: torch.device) -> LanguageModel
         kwargs["revision"] = cfg.revision
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     auto = AutoModelForCausalLM if cfg.kind == "causal" else AutoModel
     log.info("loading %s from %s", cfg.name, source)
     model = auto.from_pretrained(source, **kwargs).to(device).eval().requires_grad_(False)
