@@ -103,6 +103,25 @@ def test_an_architecture_declares_when_a_parameter_gets_no_gradient(name, extra)
     assert bool(unused) == sae.leaves_parameters_unused(), unused
 
 
+@pytest.mark.parametrize("name,extra", [("pa_sae", {}), ("curriculum", {}),
+                                        ("position_masked", {"schedule_steps": 10})])
+def test_an_sae_with_step_hooks_is_freed_without_the_cycle_collector(name, extra):
+    """Its hooks point to it; stored on it they would make a reference cycle, and a process
+    loading many SAEs (a report, an evaluation) would hold them until a collection."""
+    import gc
+    import weakref
+
+    sae = make(name, **extra)
+    assert sae.step_hooks()
+    ref = weakref.ref(sae)
+    gc.disable()
+    try:
+        del sae
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_unit_norm_decoder_rows_and_parallel_gradient_removed():
     sae = make("relu")
     with torch.no_grad():

@@ -45,15 +45,14 @@ class CurriculumSAE(SAE):
             nn.Sequential(nn.Linear(k, hidden), nn.ReLU(), nn.Linear(hidden, k), nn.LayerNorm(k))
             for _ in range(cfg.n_ranges))
         self.dropout = nn.Dropout(cfg.adapter_dropout)
-        ramp = Ramp(1.0, cfg.curriculum_delay, cfg.curriculum_length)
-        self.register_buffer("curriculum", torch.tensor(ramp(0)))
-        self.clock = FollowSchedule(self, "curriculum", ramp)
+        self.ramp = Ramp(1.0, cfg.curriculum_delay, cfg.curriculum_length)
+        self.register_buffer("curriculum", torch.tensor(self.ramp(0)))
 
     def leaves_parameters_unused(self) -> bool:
         return True  # adapters idle while α = 0, and those of ranges missing from a batch
 
     def step_hooks(self) -> list[StepHook]:
-        return [self.clock]
+        return [FollowSchedule(self, "curriculum", self.ramp)]
 
     def mechanism_state(self) -> dict[str, float]:
         return {"curriculum_alpha": self.curriculum.item()}

@@ -113,13 +113,14 @@ class PASAE(SAE):
         self.register_buffer("grad_count", torch.zeros(L))
         # ∂(one token's loss)/∂(the step's loss), set by the step hook before each forward
         self.token_gradient_scale = 1.0
-        self.statistics = CodeGradientStatistics(self)
 
     def leaves_parameters_unused(self) -> bool:
         return self.cfg.mask == "none"  # the mask logits exist but take no part
 
     def step_hooks(self) -> list[StepHook]:
-        return [self.statistics]
+        # made when asked (its state is the SAE's buffers): an SAE holding a hook that holds
+        # the SAE would be a reference cycle, freed only by the cycle collector
+        return [CodeGradientStatistics(self)]
 
     def position_mask(self, pos: Tensor) -> Tensor:
         if self.cfg.mask == "none":

@@ -55,12 +55,11 @@ class PositionMaskedSAE(SAE):
             sigma = cfg.sigma or L / 8
             mask = torch.exp(-((t - centre) ** 2) / (2 * sigma ** 2))
         self.register_buffer("mask", mask, persistent=False)
-        ramp = Ramp(1.0, delay=0, length=cfg.schedule_steps)  # 1 from the start without one
-        self.register_buffer("strength", torch.tensor(ramp(0)))
-        self.schedule = FollowSchedule(self, "strength", ramp) if cfg.schedule_steps else None
+        self.ramp = Ramp(1.0, delay=0, length=cfg.schedule_steps)  # 1 from the start without one
+        self.register_buffer("strength", torch.tensor(self.ramp(0)))
 
     def step_hooks(self) -> list[StepHook]:
-        return [self.schedule] if self.schedule else []
+        return [FollowSchedule(self, "strength", self.ramp)] if self.cfg.schedule_steps else []
 
     def mechanism_state(self) -> dict[str, float]:
         return {"mask_strength": self.strength.item(),

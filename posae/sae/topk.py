@@ -90,8 +90,9 @@ class BatchTopKSAE(SAE):
         return chosen.indices // per_token, latents.flatten()[chosen.indices], chosen.values
 
     def encode_with_pre(self, x, pos, mask):
-        """Training: the batch's selection (and θ's update), held sparse in extras as
-        (token, latent, value) triples. Inference: pre ⊙ 1[pre > θ]."""
+        """Training mode: the batch's selection, held sparse in extras as (token, latent,
+        value) triples, and θ's update (so any forward in training mode moves θ). Inference
+        mode: pre ⊙ 1[pre > θ]."""
         pre = self.pre_activations(x)
         if not self.training:
             return pre * (pre > self.threshold), pre, {}

@@ -13,7 +13,11 @@ Hooks are registered in this order (posae/training/trainer.py): dead-latent trac
 resampling, each loss term's coefficient, then the SAE's own (`SAE.step_hooks`: PA-SAE's
 gradient statistics, the curriculum's α, the progressive mask). State a hook sets in
 `on_step_end` is the state of the next step, so a checkpoint, written after a step ends,
-holds nothing pending. No hook calls `torch.distributed` itself: it is handed `reduce`.
+holds nothing pending. No hook calls `torch.distributed` itself: it is handed `reduce` (and
+the resampler the trainer's broadcast), and every process must take the same decisions,
+since a collective called by some processes only would hang the others. A hook whose state
+lives in the SAE's buffers is made by `SAE.step_hooks()` when asked, not stored on the SAE
+(which would make a reference cycle).
 """
 
 from __future__ import annotations
