@@ -123,6 +123,10 @@ def check_finished_run(cfg: DictConfig, run_dir: Path) -> list[str]:
     return sorted(compared - (saved.keys() & current.keys()))
 
 
+# Config groups whose package is not their name: where an override of one lands.
+GROUP_PACKAGES = {"resample": "trainer.resample"}
+
+
 def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfig, Path | None]:
     """The config this run uses and the checkpoint to continue from, if any.
 
@@ -150,7 +154,7 @@ def run_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> tuple[DictConfi
                           f"folder of the run to continue")
     previous = OmegaConf.load(saved)
     for override in OverridesParser.create().parse_overrides(HydraConfig.get().overrides.task):
-        key = override.key_or_group
+        key = GROUP_PACKAGES.get(override.key_or_group, override.key_or_group)
         if key == "resume" or key.startswith("hydra"):
             continue
         if OmegaConf.select(cfg, key) != OmegaConf.select(previous, key):
