@@ -115,6 +115,9 @@ def plan_training(cfg: DictConfig) -> TrainingPlan:
                                                                         req.model.d_model),
                         build_loss_terms(cfg.loss), eval_config(cfg.eval))
     check_contracts(plan.terms, plan.sae.name, architecture(plan.sae.arch))
+    if tcfg.resample_every and not architecture(plan.sae.arch).resamplable:
+        raise ConfigError(f"trainer.resample_every={tcfg.resample_every}: variant="
+                          f"{plan.sae.name} has no encoder of its own to resample; set 0")
     if cfg.match_l0:
         log.info("match_l0: %s", match_l0(plan.sae, plan.terms, int(cfg.scale.target_l0)))
     for term in plan.terms.values():

@@ -2,9 +2,9 @@
 metrics.json, plots written), by the name `seconds` times it under (docs/metrics.md).
 
 `held_out` (sections `core`, `temporal`, `by_position`) always runs, first: the others
-read its tables. `structure`, `preservation`, `sparse_probing` (eval.families: `probing`)
-and `absorption` run when `eval.families` names them; `recovery` on synthetic data,
-which has no language model for the last three.
+read its tables. `structure`, `smoothness`, `preservation`, `sparse_probing`
+(eval.families: `probing`) and `absorption` run when `eval.families` names them;
+`recovery` on synthetic data, which has no language model for the last three.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from posae.eval.absorption import AbsorptionConfig, absorption
 from posae.eval.inputs import EvalInputs, subsample
 from posae.eval.preservation import model_preservation
 from posae.eval.recovery import recovery
+from posae.eval.smoothness import sequence_measurements
 from posae.eval.sparse_probing import (
     load_probing_task,
     probing_config,
@@ -125,6 +126,13 @@ def structure_family(inputs: EvalInputs, cfg: EvalConfig):
     return {"structure": section}, figures
 
 
+def smoothness_family(inputs: EvalInputs, cfg: EvalConfig):
+    """`smoothness`, and `predicted_novel` for SAEs with a predicted part, each beside its
+    value on the same sequences shuffled (posae/eval/smoothness.py)."""
+    batches = inputs.held_out_batches(inputs.ids, inputs.batch_sequences)
+    return sequence_measurements(inputs.sae, batches), {}
+
+
 def recovery_family(inputs: EvalInputs, cfg: EvalConfig):
     """`recovery`: the planted dictionary of `dataset=synthetic` (posae/eval/recovery.py)."""
     arrays, figures = inputs.held_out["_arrays"], {}
@@ -182,6 +190,7 @@ def absorption_family(inputs: EvalInputs, cfg: EvalConfig):
 FAMILIES: dict[str, Family] = {
     "held_out": held_out_family,
     "structure": structure_family,
+    "smoothness": smoothness_family,
     "recovery": recovery_family,
     "preservation": preservation_family,
     "sparse_probing": probing_family,
@@ -194,7 +203,7 @@ LANGUAGE_MODEL_FAMILIES = {"preservation": "preservation", "probing": "sparse_pr
 
 def families_to_run(inputs: EvalInputs, cfg: EvalConfig) -> list[str]:
     """The FAMILIES this evaluation runs, in order (module docstring)."""
-    chosen = ["held_out", *(["structure"] if "structure" in cfg.families else [])]
+    chosen = ["held_out", *(name for name in ("structure", "smoothness") if name in cfg.families)]
     asked = [name for name in LANGUAGE_MODEL_FAMILIES if name in cfg.families]
     if inputs.req.dataset.synthetic is None:
         return chosen + [LANGUAGE_MODEL_FAMILIES[name] for name in asked]

@@ -1,8 +1,10 @@
-"""Position-contrastive term for 002's "contrastive" variant.
+"""Contrastive terms on codes: 002's position-contrastive variant, and T-SAE's temporal
+InfoNCE between adjacent tokens (2511.05541 §3.2). Under data parallelism each process
+contrasts the pairs of its own share of the batch.
 
-Reading (docs/variants.md): 002 cites SimCLR and aims at codes that identify position, so
-the term is a supervised contrastive loss (Khosla et al. 2020) with the token position as
-the label: over a sample of counted tokens, with z = f/‖f‖,
+Position contrast, reading (docs/variants.md): 002 cites SimCLR and aims at codes that
+identify position, so the term is a supervised contrastive loss (Khosla et al. 2020) with
+the token position as the label: over a sample of counted tokens, with z = f/‖f‖,
     L = -mean_a log( Σ_{p: pos_p = pos_a, p ≠ a} e^{z_a·z_p/τ} / Σ_{b ≠ a} e^{z_a·z_b/τ} ),
 anchors without a positive left out. Tokens are sampled without replacement with the
 torch generator, so runs stay reproducible.
@@ -11,9 +13,11 @@ torch generator, so runs stay reproducible.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from posae.losses.base import LossTerm, StepContext
+from posae.losses.temporal import valid_pairs
 
 
 def supervised_contrastive(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
@@ -42,3 +46,58 @@ class PositionContrastive(LossTerm):
             f, pos = f[keep], pos[keep]
         z = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         return supervised_contrastive(z, pos, self.temperature)
+
+
+class AdjacentInfoNCE(LossTerm):
+    """T-SAE's temporal contrastive loss (Bhalla et al. 2025, 2511.05541 §3.2):
+
+        S_ij = s(z_t^i, z_{t-1}^j) / τ,
+        L = -(1/N) Σ_i log softmax_j(S)_ii - (1/N) Σ_j log softmax_i(S)_jj
+
+    over the batch's N pairs (t-1, t) of adjacent counted tokens of one sequence (the pair i
+    is the positive; the other pairs' tokens the negatives), z the codes of the first
+    `high_level_fraction` of the latents (T-SAE's high-level group), s the cosine
+    similarity (the paper; `similarity=dot`: the inner product of the released code). The
+    paper's printed second term repeats the first; read as the CLIP-style transpose, summed.
+
+    `same_sequence_negatives=false` (default) leaves out of each anchor's negatives the
+    pairs of its own sequence (batch row): the paper's batches are 8192 pairs shuffled from
+    ~1000 contexts, where a negative almost never shares the anchor's sequence, while
+    posae's batches are whole windows. `max_pairs` subsamples pairs (0: all).
+    """
+
+    SIMILARITIES = ("cosine", "dot")
+
+    def __init__(self, high_level_fraction: float = 0.2, coef: float = 1.0,
+                 temperature: float = 1.0, similarity: str = "cosine",
+                 same_sequence_negatives: bool = False, max_pairs: int = 0,
+                 warmup_steps: int = 0):
+        super().__init__(coef, warmup_steps)
+        if similarity not in self.SIMILARITIES:
+            raise ValueError(f"loss.temporal_infonce.similarity: {similarity!r} is not one of "
+                             f"{', '.join(self.SIMILARITIES)}")
+        if not 0 < high_level_fraction <= 1 or temperature <= 0:
+            raise ValueError("loss.temporal_infonce: high_level_fraction must be in (0, 1] "
+                             "and temperature positive")
+        self.high_level_fraction, self.temperature = high_level_fraction, temperature
+        self.similarity, self.same_sequence_negatives = similarity, same_sequence_negatives
+        self.max_pairs = max_pairs
+
+    def __call__(self, out, batch, ctx: StepContext) -> Tensor:
+        h = int(self.high_level_fraction * out.f.shape[-1])
+        rows, t = valid_pairs(batch.mask, batch.pos).nonzero(as_tuple=True)
+        if self.max_pairs and len(rows) > self.max_pairs:
+            keep = torch.randperm(len(rows), device=rows.device)[: self.max_pairs]
+            rows, t = rows[keep], t[keep]
+        if len(rows) < 2:
+            return out.f.new_zeros((), dtype=torch.float32)
+        later, earlier = out.f[rows, t + 1, :h].float(), out.f[rows, t, :h].float()
+        if self.similarity == "cosine":
+            later, earlier = F.normalize(later, dim=-1), F.normalize(earlier, dim=-1)
+        logits = later @ earlier.t() / self.temperature
+        if not self.same_sequence_negatives:
+            other_pair_same_row = (rows[:, None] == rows[None, :]) & ~torch.eye(
+                len(rows), dtype=torch.bool, device=rows.device)
+            logits = logits.masked_fill(other_pair_same_row, float("-inf"))
+        target = torch.arange(len(rows), device=rows.device)
+        return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)

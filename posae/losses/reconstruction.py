@@ -12,6 +12,17 @@ class MSE(LossTerm):
         return (out.x_hat.float() - batch.x).pow(2).sum(-1)
 
 
+class PrefixMSE(LossTerm):
+    """Σ_i ‖x - x̂_{m_i}‖² over the inner nested prefixes of a Matryoshka SAE (Bussmann et
+    al. 2025; T-SAE's L_H, 2511.05541 §3.2); with `mse` (the outermost prefix) it is the
+    Matryoshka reconstruction loss, every prefix weighted 1."""
+
+    requires = ("prefix_x_hats",)
+
+    def per_token(self, out, batch, ctx):
+        return (out.extras["prefix_x_hats"].float() - batch.x).pow(2).sum(-1).sum(0)
+
+
 class GatedAux(LossTerm):
     """Gated SAE auxiliary loss ‖x - x̂_frozen(ReLU(π_gate))‖² (Rajamanoharan et al. 2024, eq. 8)."""
 

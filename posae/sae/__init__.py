@@ -22,10 +22,12 @@ from posae.sae.curriculum import CurriculumSAE
 from posae.sae.gated import GatedSAE
 from posae.sae.hierarchical import HierarchicalSAE
 from posae.sae.jumprelu import JumpReLUSAE
+from posae.sae.matryoshka import MatryoshkaBatchTopKSAE
 from posae.sae.multiscale import MultiScaleSAE
 from posae.sae.pa_sae import PASAE
 from posae.sae.position_masked import PositionMaskedSAE, RangeEncoderSAE
 from posae.sae.relu import ReLUSAE
+from posae.sae.temporal import TemporalSAE
 from posae.sae.topk import BatchTopKSAE, TopKSAE
 
 REGISTRY: dict[str, type[SAE]] = {
@@ -34,12 +36,14 @@ REGISTRY: dict[str, type[SAE]] = {
     "batchtopk": BatchTopKSAE,
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
     "curriculum": CurriculumSAE,
     "pa_sae": PASAE,
     "hierarchical": HierarchicalSAE,
     "position_masked": PositionMaskedSAE,
     "range_encoders": RangeEncoderSAE,
     "multiscale": MultiScaleSAE,
+    "temporal_sae": TemporalSAE,
 }
 
 # Filled in from the run, never configured: d_in by `sae_config` (the model's width), the
@@ -102,7 +106,7 @@ def sae_config(variant, d_in: int) -> SAEConfig:
     if cfg.d_sae < 1:
         raise ConfigError(f"variant: width {cfg.d_sae} must be positive")
     for key, choices in (("encoder_init", ("tied", "kaiming_uniform")),
-                         ("decoder_init", ("normal", "orthogonal"))):
+                         ("decoder_init", ("normal", "orthogonal", "standard_normal"))):
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"variant.{key}: {getattr(cfg, key)!r} is not one of {choices}")
     cfg.validate()

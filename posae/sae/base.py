@@ -51,7 +51,8 @@ class SAEConfig:
     normalize_decoder: bool = True
     # tied: W_enc = W_dec^T | kaiming_uniform (003: Kaiming-uniform encoder)
     encoder_init: str = "tied"
-    # normal: random unit rows | orthogonal (003, 004)
+    # normal: random unit rows | orthogonal (003, 004) | standard_normal: N(0, 1) entries,
+    # rows not normalised (the Temporal SAE's, 2511.01836 code)
     decoder_init: str = "normal"
 
     @property
@@ -107,6 +108,8 @@ class SAE(nn.Module):
     provides: ClassVar[frozenset[str]] = frozenset()
     # The codes depend on the token's position: forward and encode refuse pos=None.
     needs_positions: ClassVar[bool] = False
+    # Has its own encoder (W_enc, b_enc) that dead-latent resampling can rewrite.
+    resamplable: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -114,6 +117,8 @@ class SAE(nn.Module):
         d_in, d_sae = cfg.d_in, cfg.d_sae
         if cfg.decoder_init == "orthogonal":
             W_dec = nn.init.orthogonal_(torch.empty(d_sae, d_in))
+        elif cfg.decoder_init == "standard_normal":
+            W_dec = torch.randn(d_sae, d_in)
         else:
             W_dec = torch.randn(d_sae, d_in)
             W_dec /= W_dec.norm(dim=1, keepdim=True)
