@@ -305,7 +305,8 @@ class TrainerConfig:
 
 
 # Evaluations beyond the held-out pass (core, per-position, temporal), which always runs.
-EVAL_FAMILIES = ("structure", "smoothness", "preservation", "probing", "absorption")
+EVAL_FAMILIES = ("structure", "smoothness", "preservation", "probing", "word_class",
+                 "absorption")
 
 
 @dataclass

@@ -48,8 +48,8 @@ def test_training_evaluates_at_its_end_and_evaluate_reruns_it(tmp_path):
     result = run_module("posae.train", *args, *EVAL_SMALL, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.output
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {"core", "by_position", "temporal", "structure", "preservation", "sparse_probing",
-            "absorption"} <= set(metrics)
+    assert {"core", "by_position", "temporal", "structure", "smoothness", "preservation",
+            "sparse_probing", "word_class_probing", "absorption"} <= set(metrics)
     assert metrics["core"]["l0"] == pytest.approx(32)
     assert metrics["preservation"]["kind"] == "encoder"
     assert metrics["by_position"]["position"] == list(range(1, 31))  # not [CLS], [SEP]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,3 +267,35 @@ def test_sequence_measurements_report_groups_shares_and_their_chance():
     out = sae(x)
     parts = sae.decode(out.extras["predicted_codes"]) + sae.decode(out.f) - sae.b_dec
     torch.testing.assert_close(parts, out.x_hat)
+
+
+def test_word_classes_label_whole_closed_class_words_only(minilm):
+    """MiniLM's WordPiece: "the" and "is" are labelled; "theory" (one token) is no class
+    word, and a word split into pieces is never labelled, even when its first piece is a
+    class word ("itertools" → it ##ert ##ool ##s, "isinstance" → is ##ins ##tance)."""
+    from posae.eval.word_class import word_class_labels
+
+    tokenizer = minilm.tokenizer
+    ids = tokenizer("the theory is and it itertools isinstance",
+                    add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[:8] == ["the", "theory", "is", "and", "it", "it", "##ert", "##ool"]
+    labels = list(word_class_labels(tokenizer, np.asarray(ids)))
+    assert labels[:5] == ["determiner", "", "auxiliary", "conjunction", "pronoun"]
+    assert labels[5:] == [""] * (len(pieces) - 5)
+
+
+def test_word_class_probing_finds_a_planted_class_in_its_own_group():
+    """Codes where latent 0 (high group) fires exactly on class-A tokens: the high group's
+    top-1 probe is perfect, the low group's (noise) near chance."""
+    from posae.eval.word_class import word_class_probing
+
+    rng = np.random.default_rng(0)
+    labels = np.asarray(["determiner", "pronoun"] * 300)
+    codes = rng.random((600, 8))
+    codes[:, 0] = labels == "determiner"
+    out = word_class_probing(codes, codes, labels, {"high": (0, 2), "low": (2, 8),
+                                                    "all": (0, 8)}, n_train=400, n_test=200)
+    assert out["classes"] == ["determiner", "pronoun"] and out["chance"] == 0.5
+    assert out["mean"]["sae_high_top_1_test_accuracy"] == 1.0
+    assert out["mean"]["sae_low_top_1_test_accuracy"] < 0.65

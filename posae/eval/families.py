@@ -3,8 +3,8 @@ metrics.json, plots written), by the name `seconds` times it under (docs/metrics
 
 `held_out` (sections `core`, `temporal`, `by_position`) always runs, first: the others
 read its tables. `structure`, `smoothness`, `preservation`, `sparse_probing`
-(eval.families: `probing`) and `absorption` run when `eval.families` names them;
-`recovery` on synthetic data, which has no language model for the last three.
+(eval.families: `probing`), `word_class` and `absorption` run when `eval.families` names
+them; `recovery` on synthetic data, which has no language model for the last four.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from posae.eval.absorption import AbsorptionConfig, absorption
 from posae.eval.inputs import EvalInputs, subsample
 from posae.eval.preservation import model_preservation
 from posae.eval.recovery import recovery
-from posae.eval.smoothness import sequence_measurements
+from posae.eval.smoothness import group_bounds, sequence_measurements
 from posae.eval.sparse_probing import (
     load_probing_task,
     probing_config,
@@ -39,6 +39,7 @@ from posae.eval.structure import (
     profile_clusters,
     specificity_summary,
 )
+from posae.eval.word_class import WORD_CLASS_TOKENS, word_class_labels, word_class_probing
 
 log = logging.getLogger("posae")
 
@@ -81,24 +82,26 @@ def held_out_family(inputs: EvalInputs, cfg: EvalConfig):
              "by_position": result["by_position"]}, figures)
 
 
-def _codes_for_probe(inputs: EvalInputs, max_tokens: int):
-    """Codes (before any input-independent offset), raw activations, positions and sequence
-    ids of up to `max_tokens` counted held-out tokens, whole sequences at a time, drawn in
-    a seeded random order from the evaluation's held-out sequences."""
+def held_out_tokens(inputs: EvalInputs, max_tokens: int, label_row=None) -> dict:
+    """Codes (before any input-independent offset), raw activations, positions, sequence
+    ids and, with `label_row` (a sequence's token ids -> one label each), labels of up to
+    `max_tokens` counted held-out tokens, whole sequences at a time, drawn in a seeded
+    random order from the evaluation's held-out sequences."""
     ids, batch = np.random.default_rng(0).permutation(inputs.ids), inputs.batch_sequences
-    codes, raw, positions, sequences, n = [], [], [], [], 0
+    found, n = {key: [] for key in ("codes", "raw", "positions", "sequences", "labels")}, 0
     for i, b in zip(range(0, len(ids), batch), inputs.held_out_batches(ids, batch)):
         f = inputs.sae(b.x, b.pos, b.mask).input_codes
         rows = torch.as_tensor(ids[i : i + batch], device=b.x.device)[:, None].expand_as(b.pos)
-        codes.append(f[b.mask].cpu().numpy())
-        raw.append(b.x[b.mask].cpu().numpy())
-        positions.append(b.pos[b.mask].cpu().numpy())
-        sequences.append(rows[b.mask].cpu().numpy())
+        for key, value in (("codes", f), ("raw", b.x), ("positions", b.pos),
+                           ("sequences", rows)):
+            found[key].append(value[b.mask].cpu().numpy())
+        if label_row is not None:
+            mask = b.mask.cpu().numpy()
+            found["labels"] += [label_row(row)[m] for row, m in zip(b.tokens.cpu().numpy(), mask)]
         n += int(b.mask.sum())
         if n >= max_tokens:
             break
-    return (np.concatenate(codes), np.concatenate(raw), np.concatenate(positions),
-            np.concatenate(sequences))
+    return {key: np.concatenate(value) for key, value in found.items() if value}
 
 
 def structure_family(inputs: EvalInputs, cfg: EvalConfig):
@@ -108,7 +111,9 @@ def structure_family(inputs: EvalInputs, cfg: EvalConfig):
     spec = position_specificity(arrays["fire_counts"], arrays["position_tokens"])
     clusters = profile_clusters(arrays["mean_activation"], arrays["frequency"],
                                 cfg.cluster_latents, cfg.max_clusters)
-    codes, raw, positions, sequences = _codes_for_probe(inputs, cfg.position_probe_tokens)
+    tokens = held_out_tokens(inputs, cfg.position_probe_tokens)
+    codes, raw, positions, sequences = (tokens[k] for k in ("codes", "raw", "positions",
+                                                            "sequences"))
     section = {
         **specificity_summary(spec),
         "position_profile_clusters": clusters["n_clusters"],
@@ -131,6 +136,16 @@ def smoothness_family(inputs: EvalInputs, cfg: EvalConfig):
     value on the same sequences shuffled (posae/eval/smoothness.py)."""
     batches = inputs.held_out_batches(inputs.ids, inputs.batch_sequences)
     return sequence_measurements(inputs.sae, batches), {}
+
+
+def word_class_family(inputs: EvalInputs, cfg: EvalConfig):
+    """`word_class_probing`: closed word classes of held-out tokens from their codes
+    (posae/eval/word_class.py), the syntactic beside `sparse_probing`'s semantic."""
+    tokenizer = inputs.lm.tokenizer
+    tokens = held_out_tokens(inputs, WORD_CLASS_TOKENS,
+                             lambda row: word_class_labels(tokenizer, row))
+    return {"word_class_probing": {"tokens": len(tokens["labels"]), **word_class_probing(
+        tokens["raw"], tokens["codes"], tokens["labels"], group_bounds(inputs.sae))}}, {}
 
 
 def recovery_family(inputs: EvalInputs, cfg: EvalConfig):
@@ -195,10 +210,11 @@ FAMILIES: dict[str, Family] = {
     "preservation": preservation_family,
     "sparse_probing": probing_family,
     "absorption": absorption_family,
+    "word_class": word_class_family,
 }
 # eval.families names of the families that need the language model, by their FAMILIES name
 LANGUAGE_MODEL_FAMILIES = {"preservation": "preservation", "probing": "sparse_probing",
-                           "absorption": "absorption"}
+                           "word_class": "word_class", "absorption": "absorption"}
 
 
 def families_to_run(inputs: EvalInputs, cfg: EvalConfig) -> list[str]:
