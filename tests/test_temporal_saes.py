@@ -5,6 +5,7 @@ SAE of "Priors in Time" (Lubana et al. 2025), on small hand-checkable tensors.""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,19 +91,30 @@ def one_hot_codes(rows: list[list[int]], width: int = 10) -> torch.Tensor:
     return f
 
 
+def infonce_context(n_tokens: float) -> StepContext:
+    """A step context whose SAE has 10 latents, the first Matryoshka prefix 5 of them."""
+    sae = build_sae(MatryoshkaConfig(name="matryoshka_batchtopk", d_in=D_IN, width=10, k=2,
+                                     prefix_fractions=[0.5, 1.0]))
+    return StepContext(step=0, n_tokens=n_tokens, sae=sae, dead=None)
+
+
 def test_adjacent_infonce_hand_computed():
-    """Three pairs, one per sequence, each token's high-level code (latents 0-4 of 10) the
-    same as its neighbour's and orthogonal to the others': every anchor's positive has
-    cosine 1 and its two negatives 0, so each direction is -log(e / (e + 2))."""
+    """Three pairs, one per sequence, each token's high-level code (the first prefix,
+    latents 0-4 of 10) the same as its neighbour's and orthogonal to the others': every
+    anchor's positive has cosine 1 and its two negatives 0, so each of the 3 anchors of each
+    direction adds -log(e / (e + 2)); the sum is divided by the 6 counted tokens."""
     f = one_hot_codes([[0, 0], [1, 1], [2, 2]])
-    ctx = StepContext(step=0, n_tokens=6.0, sae=None, dead=None)
-    loss = AdjacentInfoNCE(high_level_fraction=0.5)(Codes(f), batch_of(f), ctx)
-    torch.testing.assert_close(loss, torch.tensor(-2 * math.log(math.e / (math.e + 2))))
+    ctx = infonce_context(6.0)
+    loss = AdjacentInfoNCE()(Codes(f), batch_of(f), ctx)
+    torch.testing.assert_close(loss, torch.tensor(2 * 3 * -math.log(math.e / (math.e + 2)) / 6))
     # only the high-level half counts: moving every code to the low-level half (latent 5+)
-    # leaves all-zero high-level codes, cosine 0 everywhere, so -log(1/3) per direction
+    # leaves all-zero high-level codes, cosine 0 everywhere, so -log(1/3) per anchor
     low = one_hot_codes([[5, 5], [6, 6], [7, 7]])
-    loss = AdjacentInfoNCE(high_level_fraction=0.5)(Codes(low), batch_of(low), ctx)
-    torch.testing.assert_close(loss, torch.tensor(2 * math.log(3)))
+    loss = AdjacentInfoNCE()(Codes(low), batch_of(low), ctx)
+    torch.testing.assert_close(loss, torch.tensor(2 * 3 * math.log(3) / 6))
+    # an explicit fraction overrides the prefix: the first 8 latents hold e5, e6, e7 too
+    loss = AdjacentInfoNCE(high_level_fraction=0.8)(Codes(low), batch_of(low), ctx)
+    torch.testing.assert_close(loss, torch.tensor(2 * 3 * -math.log(math.e / (math.e + 2)) / 6))
 
 
 def test_adjacent_infonce_pairs_stay_inside_a_sequence_and_skip_uncounted_tokens():
@@ -112,24 +124,46 @@ def test_adjacent_infonce_pairs_stay_inside_a_sequence_and_skip_uncounted_tokens
     f = one_hot_codes([[0, 0, 0], [1, 1, 4]])
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[1, 2] = False
-    ctx = StepContext(step=0, n_tokens=5.0, sae=None, dead=None)
+    ctx = infonce_context(5.0)
     # pairs: a=(seq0, 0→1), b=(seq0, 1→2), c=(seq1, 0→1); a and b share codes e0, c is e1
     # default: a's negatives {c} → -log(e/(e+1)); same for b; c's negatives {a, b} → e/(e+2)
-    per_direction = -(2 * math.log(math.e / (math.e + 1)) + math.log(math.e / (math.e + 2))) / 3
-    loss = AdjacentInfoNCE(high_level_fraction=0.5)(Codes(f), batch_of(f, mask), ctx)
-    torch.testing.assert_close(loss, torch.tensor(2 * per_direction))
+    per_direction = -(2 * math.log(math.e / (math.e + 1)) + math.log(math.e / (math.e + 2)))
+    loss = AdjacentInfoNCE()(Codes(f), batch_of(f, mask), ctx)
+    torch.testing.assert_close(loss, torch.tensor(2 * per_direction / 5))
     # with same-sequence negatives, a's negatives {b, c}, b cosine 1: e/(2e + 1)
-    with_same = -(2 * math.log(math.e / (2 * math.e + 1)) + math.log(math.e / (math.e + 2))) / 3
-    loss = AdjacentInfoNCE(high_level_fraction=0.5, same_sequence_negatives=True)(
-        Codes(f), batch_of(f, mask), ctx)
-    torch.testing.assert_close(loss, torch.tensor(2 * with_same))
+    with_same = -(2 * math.log(math.e / (2 * math.e + 1)) + math.log(math.e / (math.e + 2)))
+    loss = AdjacentInfoNCE(same_sequence_negatives=True)(Codes(f), batch_of(f, mask), ctx)
+    torch.testing.assert_close(loss, torch.tensor(2 * with_same / 5))
 
 
 def test_adjacent_infonce_dot_similarity_uses_the_raw_codes():
     f = one_hot_codes([[0, 0], [1, 1]])  # positives 9, negatives 0
-    ctx = StepContext(step=0, n_tokens=4.0, sae=None, dead=None)
-    loss = AdjacentInfoNCE(high_level_fraction=0.5, similarity="dot")(Codes(f), batch_of(f), ctx)
-    torch.testing.assert_close(loss, torch.tensor(-2 * math.log(math.exp(9) / (math.exp(9) + 1))))
+    loss = AdjacentInfoNCE(similarity="dot")(Codes(f), batch_of(f), infonce_context(4.0))
+    expected = 2 * 2 * -math.log(math.exp(9) / (math.exp(9) + 1)) / 4
+    torch.testing.assert_close(loss, torch.tensor(expected))
+
+
+def test_adjacent_infonce_refuses_a_share_of_the_batch_with_one_sequence():
+    """Without same-sequence negatives, one sequence leaves no anchor a negative: refused,
+    naming the settings, instead of a silent zero."""
+    f = one_hot_codes([[0, 0, 1]])
+    with pytest.raises(ValueError, match="trainer.micro_batches"):
+        AdjacentInfoNCE()(Codes(f), batch_of(f), infonce_context(3.0))
+
+
+def test_temporal_infonce_without_a_fraction_needs_matryoshka_prefixes():
+    """The config check names the term and the variants that have prefixes, before any
+    cache is opened."""
+    from conftest import compose_config
+
+    from posae.config import ConfigError
+    from posae.train import plan_training
+
+    cfg = compose_config(overrides=["variant=batchtopk", "loss=[mse,auxk,temporal_infonce]"])
+    with pytest.raises(ConfigError, match="loss.temporal_infonce .*matryoshka_batchtopk"):
+        plan_training(cfg)
+    plan_training(compose_config(overrides=["variant=batchtopk", "loss=[mse,auxk,temporal_infonce]",
+                                            "loss.temporal_infonce.high_level_fraction=0.2"]))
 
 
 def temporal(k=4, layers=1, bottleneck=2):
@@ -142,7 +176,7 @@ def temporal(k=4, layers=1, bottleneck=2):
                                     decoder_init="standard_normal"))
 
 
-@pytest.mark.parametrize("k,layers", [(4, 1), (None, 2)])
+@pytest.mark.parametrize("k,layers", [(4, 1), (8, 2)])
 def test_temporal_sae_loads_in_saelens_with_the_same_codes_and_reconstruction(k, layers,
                                                                             tmp_path):
     """The installed sae-lens's `temporal` class, loading what posae writes, gives posae's
@@ -204,10 +238,26 @@ def test_temporal_sae_never_attends_to_tokens_outside_the_mask():
     torch.testing.assert_close(a.x_hat[1], b.x_hat[1])
 
 
+def test_temporal_sae_documents_of_a_packed_sequence_do_not_see_each_other():
+    """Token 4 is a document separator (not counted): the codes of tokens 5-7 are the same
+    whatever the first document holds, and the same as those of the second document alone
+    (at the start of a sequence)."""
+    sae = temporal().eval()
+    x = torch.randn(1, 8, D_IN)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[0, 4] = False
+    other = x.clone()
+    other[0, :4] = torch.randn(4, D_IN)
+    a, b = sae(x, None, mask), sae(other, None, mask)
+    torch.testing.assert_close(a.x_hat[0, 5:], b.x_hat[0, 5:])
+    alone = sae(x[:, 5:])
+    torch.testing.assert_close(a.x_hat[0, 5:], alone.x_hat[0], atol=1e-5, rtol=1e-5)
+
+
 def test_temporal_sae_prediction_is_the_least_squares_projection():
     """With one layer, the predicted reconstruction D z_p is the projection of (x - b)·s on
     the attention's direction a D: the remainder is orthogonal to it."""
-    sae = temporal(k=None).eval()
+    sae = temporal().eval()
     x = torch.randn(2, 6, D_IN)
     out = sae(x)
     r0 = (x - sae.b_dec) * sae.input_scale
@@ -299,3 +349,65 @@ def test_word_class_probing_finds_a_planted_class_in_its_own_group():
     assert out["classes"] == ["determiner", "pronoun"] and out["chance"] == 0.5
     assert out["mean"]["sae_high_top_1_test_accuracy"] == 1.0
     assert out["mean"]["sae_low_top_1_test_accuracy"] < 0.65
+
+
+def test_predicted_novel_shares_hand_computed():
+    """A Temporal SAE whose dictionary is the identity (d = width), so its parts are its
+    codes: two tokens with predicted codes (1, 0, …) and (3, 0, …) and novel codes
+    (0, 2, …) and (0, 0, …), inputs equal to their reconstruction. Norm share 10 / 14;
+    variance ratio of the predicted part 2 / 4 (its mean 2 removed), of the novel part
+    2 / 4; and EV of each part alone 1 − 4 / 4 = 0 (predicted) and 1 − 10 / 4 (novel)."""
+    from posae.eval.smoothness import SplitSums
+
+    sae = temporal()
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.W_dec[:D_IN] = torch.eye(D_IN)
+        sae.input_scale.fill_(1.0)
+    predicted, novel = torch.zeros(1, 2, 32), torch.zeros(1, 2, 32)
+    predicted[0, :, 0] = torch.tensor([1.0, 3.0])
+    novel[0, 0, 1] = 2.0
+    x = sae.decode(novel, {"predicted_codes": predicted})
+    out = SimpleNamespace(f=novel, x_hat=x, extras={"predicted_codes": predicted})
+    sums = SplitSums()
+    sums.add(sae, x, torch.ones(1, 2, dtype=torch.bool), out)
+    result = sums.results()
+    # x = (1, 2, 0, …) and (3, 0, 0, …): Σ‖x − x̄‖² = 2 + 2 = 4
+    assert result["norm_share_predicted"] == pytest.approx(10 / 14)
+    assert result["variance_ratio_predicted"] == pytest.approx(2 / 4)
+    assert result["variance_ratio_novel"] == pytest.approx(2 / 4)
+    assert result["ev_predicted_only"] == pytest.approx(0.0)
+    assert result["ev_novel_only"] == pytest.approx(1 - 10 / 4)
+    assert result["ev_total"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("marker,pieces,words", [
+    ("##", ["the", "theory", "it", "##ert", ",", "is"], ["the", "theory", None, None, ",", "is"]),
+    # GPT-2's byte-level BPE: "Ġthe"+"ory" is "theory", "Ġsp"+"in" is "spin"
+    ("Ġ", ["Ġthe", "ory", "Ġsp", "in", "Ġis", ",", "Ġa"],
+     [None, None, None, None, "is", ",", "a"]),
+    # SentencePiece (Gemma): "▁is"+"olate"
+    ("▁", ["▁the", "▁is", "olate", "▁of"], ["the", None, None, "of"]),
+])
+def test_whole_words_never_label_a_piece_of_a_longer_word(marker, pieces, words):
+    from posae.eval.word_class import whole_words
+
+    assert whole_words(pieces, marker) == words
+
+
+def test_a_trained_temporal_sae_is_saved_for_saelens_too(tmp_path):
+    """The run's `sae/` folder holds `saelens/`, which sae-lens loads with the run's hook
+    and model, and which reads raw activations as posae's folded SAE does."""
+    import sae_lens
+
+    from posae.sae.export import save_folded
+
+    sae = temporal()
+    provenance = {"model": {"name": "minilm"}, "layer": 3, "hook": "blocks.3.hook_resid_post",
+                  "context_size": 128, "train_on_special_tokens": False}
+    final = save_folded(sae, 2.0, tmp_path / "sae", provenance)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae" / "saelens"))
+    assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert theirs.cfg.metadata.model_name == "minilm"
+    x = torch.randn(2, 6, D_IN)
+    torch.testing.assert_close(theirs(x), final(x).x_hat, atol=1e-5, rtol=1e-5)

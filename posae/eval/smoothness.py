@@ -15,10 +15,13 @@ Predicted vs novel (Temporal SAE, Lubana et al. 2025, 2511.01836 Table 3; readin
 x̂_p = D z_p / s and x̂_n = D z_n / s the two parts of the reconstruction (b_dec apart),
 
     norm_share_predicted = Σ‖x̂_p‖² / (Σ‖x̂_p‖² + Σ‖x̂_n‖²)
+    variance_ratio_<part> = Σ‖x̂_part − mean x̂_part‖² / Σ‖x − x̄‖²   (the authors' notebook)
     ev_<part> = 1 − Σ‖x − b_dec − x̂_part‖² / Σ‖x − x̄‖²      (the part alone)
 
-over counted tokens. Chance: shuffled order leaves the prediction nothing in the past to
-read but the sequence's bag of tokens.
+over counted tokens. The two differ by what a part holds that does not vary over tokens:
+a constant offset counts as variance in neither, but as error in the other part's EV.
+Chance: shuffled order leaves the prediction nothing in the past to read but the
+sequence's bag of tokens.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ def shuffled_within_sequences(batch: Batch, generator: torch.Generator) -> Batch
     a shuffled sequence reads as a sequence; uncounted tokens shuffled along)."""
     order = torch.stack([torch.randperm(batch.x.shape[1], generator=generator)
                          for _ in range(batch.x.shape[0])]).to(batch.x.device)
-    take = lambda t: torch.gather(t, 1, order.view(*order.shape, *[1] * (t.dim() - 2))  # noqa: E731
-                                  .expand_as(t))
+
+    def take(t: Tensor) -> Tensor:
+        return torch.gather(t, 1, order.view(*order.shape, *[1] * (t.dim() - 2)).expand_as(t))
+
     return Batch(take(batch.x), batch.pos, take(batch.mask), take(batch.tokens))
 
 
@@ -77,6 +82,7 @@ class SplitSums:
         self.sums = dict.fromkeys(("sq_predicted", "sq_novel", "err_predicted", "err_novel",
                                    "err_total", "tokens"), 0.0)
         self.sum_x, self.sum_sq_x = 0.0, 0.0
+        self.sum_part = {"predicted": 0.0, "novel": 0.0}
 
     def add(self, sae: SAE, x: Tensor, mask: Tensor, out) -> None:
         centred = x - sae.b_dec
@@ -88,14 +94,20 @@ class SplitSums:
                            ("err_novel", centred - novel), ("err_total", x - out.x_hat)):
             self.sums[key] += (value.double().pow(2) * m).sum().item()
         self.sums["tokens"] += mask.sum().item()
+        for part, value in (("predicted", predicted), ("novel", novel)):
+            self.sum_part[part] = self.sum_part[part] + (value.double() * m).sum((0, 1))
         self.sum_x = self.sum_x + (x.double() * m).sum((0, 1))
         self.sum_sq_x += (x.double().pow(2) * m).sum().item()
 
     def results(self) -> dict:
         s, n = self.sums, self.sums["tokens"]
         total_var = self.sum_sq_x - float((self.sum_x ** 2).sum()) / max(n, 1)
+        part_var = {part: s[f"sq_{part}"] - float((total ** 2).sum()) / max(n, 1)
+                    for part, total in self.sum_part.items()}
         return {
             "norm_share_predicted": ratio(s["sq_predicted"], s["sq_predicted"] + s["sq_novel"]),
+            "variance_ratio_predicted": ratio(part_var["predicted"], total_var),
+            "variance_ratio_novel": ratio(part_var["novel"], total_var),
             "ev_predicted_only": 1 - ratio(s["err_predicted"], total_var),
             "ev_novel_only": 1 - ratio(s["err_novel"], total_var),
             "ev_total": 1 - ratio(s["err_total"], total_var),

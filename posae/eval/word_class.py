@@ -30,25 +30,46 @@ WORD_CLASSES: dict[str, frozenset[str]] = {
 }
 
 
-def word_of(tokenizer, ids: np.ndarray) -> list[str | None]:
-    """The lower-cased word each token id is, or None where the token is a piece of a longer
-    word (it continues the previous token, or the next token continues it)."""
-    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+def word_start_marker(tokenizer) -> str:
+    """How the tokenizer marks word boundaries: "##" (WordPiece: the continuation pieces
+    carry it), or "Ġ" / "▁" (byte-level BPE, SentencePiece: the pieces that start a word
+    carry it); read from how it splits " unwieldy"."""
+    ids = tokenizer(" unwieldy", add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    if any(piece.startswith("##") for piece in pieces):
+        return "##"
+    for marker in ("Ġ", "▁"):
+        if pieces and pieces[0].startswith(marker):
+            return marker
+    raise ValueError(f"word_class: cannot tell where words start in {pieces} "
+                     f"({type(tokenizer).__name__})")
+
+
+def whole_words(pieces: list[str], marker: str) -> list[str | None]:
+    """The lower-cased word each piece is, or None where it is a piece of a longer word:
+    it continues the previous piece, or the next piece continues it (a piece with no
+    letters or digits, punctuation, never continues a word)."""
+    def continues(piece: str) -> bool:
+        if marker == "##":
+            return piece.startswith("##")
+        return not piece.startswith(marker) and any(c.isalnum() for c in piece)
+
     words: list[str | None] = []
     for i, piece in enumerate(pieces):
         following = pieces[i + 1] if i + 1 < len(pieces) else ""
-        if piece.startswith("##") or following.startswith("##"):
-            words.append(None)  # WordPiece continuation
-            continue
-        text = tokenizer.convert_tokens_to_string([piece]).strip().lower()
-        words.append(text or None)
+        if continues(piece) or continues(following):
+            words.append(None)
+        else:
+            words.append(piece.removeprefix(marker).strip().lower() or None)
     return words
 
 
 def word_class_labels(tokenizer, tokens: np.ndarray) -> np.ndarray:
     """Per token of one sequence: its class name, or "" when it is in none."""
     lookup = {w: c for c, words in WORD_CLASSES.items() for w in words}
-    return np.asarray([lookup.get(w, "") if w else "" for w in word_of(tokenizer, tokens)])
+    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in tokens])
+    words = whole_words(pieces, word_start_marker(tokenizer))
+    return np.asarray([lookup.get(w, "") if w else "" for w in words])
 
 
 def word_class_probing(raw: np.ndarray, codes: np.ndarray, labels: np.ndarray, groups: dict,

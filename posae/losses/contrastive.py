@@ -52,14 +52,18 @@ class AdjacentInfoNCE(LossTerm):
     """T-SAE's temporal contrastive loss (Bhalla et al. 2025, 2511.05541 §3.2):
 
         S_ij = s(z_t^i, z_{t-1}^j) / τ,
-        L = -(1/N) Σ_i log softmax_j(S)_ii - (1/N) Σ_j log softmax_i(S)_jj
+        L = -Σ_i log softmax_j(S)_ii - Σ_j log softmax_i(S)_jj
 
-    over the batch's N pairs (t-1, t) of adjacent counted tokens of one sequence (the pair i
-    is the positive; the other pairs' tokens the negatives), z the codes of the first
-    `high_level_fraction` of the latents (T-SAE's high-level group), s the cosine
-    similarity (the paper; `similarity=dot`: the inner product of the released code). The
-    paper's printed second term repeats the first; read as the CLIP-style transpose, summed.
+    over the N pairs (t-1, t) of adjacent counted tokens of one sequence in the batch (the
+    pair i is the positive; the other pairs' tokens the negatives), z the high-level codes,
+    s the cosine similarity (the paper; `similarity=dot`: the inner product of the released
+    code). The paper's printed second term repeats the first; read as the CLIP-style
+    transpose, summed. The paper averages over pairs; here the sum is divided by the
+    batch's counted tokens, as every term (N is the counted tokens less one per sequence),
+    so that micro-batches and processes weigh it as one batch would.
 
+    The high-level codes are the SAE's first Matryoshka prefix (T-SAE's first 20 %), or the
+    first `high_level_fraction` of the latents when that is set (any SAE).
     `same_sequence_negatives=false` (default) leaves out of each anchor's negatives the
     pairs of its own sequence (batch row): the paper's batches are 8192 pairs shuffled from
     ~1000 contexts, where a negative almost never shares the anchor's sequence, while
@@ -68,7 +72,7 @@ class AdjacentInfoNCE(LossTerm):
 
     SIMILARITIES = ("cosine", "dot")
 
-    def __init__(self, high_level_fraction: float = 0.2, coef: float = 1.0,
+    def __init__(self, high_level_fraction: float | None = None, coef: float = 1.0,
                  temperature: float = 1.0, similarity: str = "cosine",
                  same_sequence_negatives: bool = False, max_pairs: int = 0,
                  warmup_steps: int = 0):
@@ -76,19 +80,34 @@ class AdjacentInfoNCE(LossTerm):
         if similarity not in self.SIMILARITIES:
             raise ValueError(f"loss.temporal_infonce.similarity: {similarity!r} is not one of "
                              f"{', '.join(self.SIMILARITIES)}")
-        if not 0 < high_level_fraction <= 1 or temperature <= 0:
-            raise ValueError("loss.temporal_infonce: high_level_fraction must be in (0, 1] "
-                             "and temperature positive")
+        if high_level_fraction is not None and not 0 < high_level_fraction <= 1:
+            raise ValueError("loss.temporal_infonce.high_level_fraction: must be in (0, 1] "
+                             "or null (the SAE's first Matryoshka prefix)")
+        if temperature <= 0:
+            raise ValueError("loss.temporal_infonce.temperature: must be positive")
+        # without a fraction, the groups are the architecture's (checked at config time)
+        self.requires = ("prefix_x_hats",) if high_level_fraction is None else ()
         self.high_level_fraction, self.temperature = high_level_fraction, temperature
         self.similarity, self.same_sequence_negatives = similarity, same_sequence_negatives
         self.max_pairs = max_pairs
 
+    def high_level_width(self, sae) -> int:
+        if self.high_level_fraction is None:
+            return sae.cfg.prefix_widths[0]
+        return round(self.high_level_fraction * sae.cfg.d_sae)
+
     def __call__(self, out, batch, ctx: StepContext) -> Tensor:
-        h = int(self.high_level_fraction * out.f.shape[-1])
+        h = self.high_level_width(ctx.sae)
         rows, t = valid_pairs(batch.mask, batch.pos).nonzero(as_tuple=True)
         if self.max_pairs and len(rows) > self.max_pairs:
             keep = torch.randperm(len(rows), device=rows.device)[: self.max_pairs]
             rows, t = rows[keep], t[keep]
+        if not self.same_sequence_negatives and len(rows.unique()) < 2:
+            raise ValueError(
+                "loss.temporal_infonce: this share of the batch holds pairs of one sequence "
+                "only, so no anchor has a negative; give each micro-batch of each process at "
+                "least two sequences (raise trainer.batch_tokens, lower trainer.micro_batches) "
+                "or set loss.temporal_infonce.same_sequence_negatives=true")
         if len(rows) < 2:
             return out.f.new_zeros((), dtype=torch.float32)
         later, earlier = out.f[rows, t + 1, :h].float(), out.f[rows, t, :h].float()
@@ -100,4 +119,6 @@ class AdjacentInfoNCE(LossTerm):
                 len(rows), dtype=torch.bool, device=rows.device)
             logits = logits.masked_fill(other_pair_same_row, float("-inf"))
         target = torch.arange(len(rows), device=rows.device)
-        return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        total = (F.cross_entropy(logits, target, reduction="sum")
+                 + F.cross_entropy(logits.t(), target, reduction="sum"))
+        return total / ctx.n_tokens

@@ -42,8 +42,8 @@ class MatryoshkaConfig(TopKConfig):
 
     @property
     def prefix_widths(self) -> list[int]:
-        """Number of latents in each nested prefix, the last the whole width."""
-        return [int(fraction * self.d_sae) for fraction in self.prefix_fractions]
+        """Number of latents in each nested prefix (rounded), the last the whole width."""
+        return [round(fraction * self.d_sae) for fraction in self.prefix_fractions]
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):

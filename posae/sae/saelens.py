@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from posae.sae.temporal import TemporalSAE
 
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
-# The sae-lens version these folders are checked against (the `saelens` extra's pin); sae-lens
+# The sae-lens version these folders are checked against (the `dev` extra's pin); sae-lens
 # reads a folder stamped below 6.0 as a legacy config and drops its metadata.
 SAELENS_VERSION = "6.54.12"
 
@@ -38,7 +38,7 @@ def save_temporal_for_saelens(sae: TemporalSAE, folder: Path, metadata: dict | N
         "activation_normalization_factor": scale, "reshape_activations": "none",
         "n_heads": cfg.n_heads, "n_attn_layers": cfg.n_attn_layers,
         "bottleneck_factor": cfg.bottleneck_factor,
-        "sae_diff_type": "topk" if cfg.k is not None else "relu", "kval_topk": cfg.k,
+        "sae_diff_type": "topk", "kval_topk": cfg.k,
         "tied_weights": True, "metadata": {"sae_lens_version": SAELENS_VERSION, **(metadata or {})},
     }
     (folder / SAELENS_CONFIG).write_text(json.dumps(record, indent=1))

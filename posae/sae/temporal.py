@@ -16,15 +16,17 @@ x0 = (x - b_dec) · s (s the input scale, `input_scale`), tied encoder Dᵀ, λ 
     x̂  = (z_n + z_p) D / s + b_dec                  eq. 4's reconstruction
 
 The codes f are z_n (what L0, the sparsity terms and the evaluation see, as sae-lens's
-`encode`); z_p is in extras["predicted_codes"] and enters only x̂. Tokens outside the mask
-are never attended to (sae-lens attends to every token: the two agree where all count).
+`encode`); z_p is in extras["predicted_codes"] and enters only x̂. A token attends only to
+counted tokens of its own document: an uncounted token (BOS, a document separator,
+padding) is never attended to, and it ends the context, so a packed sequence's documents
+do not see each other. sae-lens attends to every token of its input: the two agree on
+inputs where every token counts (one document, no BOS).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +40,20 @@ EPS = 1e-6
 
 @dataclass
 class TemporalConfig(SAEConfig):
-    # Novel codes keep each token's k largest (null: ReLU alone, sae-lens's relu).
-    k: Optional[int] = 32
+    # The authors' Gemma-2-2b settings: width 4 x d, an unnormalised N(0, 1) dictionary.
+    expansion_factor: int = 4
+    normalize_decoder: bool = False
+    decoder_init: str = "standard_normal"
+    # Novel codes keep each token's k largest (sae-lens's `topk`).
+    k: int = 32
     n_attn_layers: int = 1
     n_heads: int = 4
     # Query and key width = d_sae / bottleneck_factor (the authors use 1, full width).
     bottleneck_factor: int = 1
 
     def validate(self) -> None:
-        if self.k is not None and not 1 <= self.k <= self.d_sae:
-            raise ConfigError(f"variant.k: must be in 1..{self.d_sae} (the width) or null, "
-                              f"got {self.k}")
+        if not 1 <= self.k <= self.d_sae:
+            raise ConfigError(f"variant.k: must be in 1..{self.d_sae} (the width), got {self.k}")
         if self.n_attn_layers < 1 or self.n_heads < 1 or self.bottleneck_factor < 1:
             raise ConfigError("variant.n_attn_layers, n_heads and bottleneck_factor must be "
                               "positive")
@@ -79,7 +84,10 @@ class CodeAttention(nn.Module):
     def forward(self, context: Tensor, query: Tensor, allowed: Tensor | None) -> Tensor:
         """`allowed` [B, 1, T, T] (True: may attend), or None for the plain causal mask."""
         B, T, _ = query.shape
-        heads = lambda t: t.view(B, T, self.n_heads, -1).transpose(1, 2)  # noqa: E731
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(B, T, self.n_heads, -1).transpose(1, 2)
+
         q = heads(self.q_target(query))
         k, v = heads(self.k_ctx(context)), heads(self.v_ctx(context))
         if allowed is None:
@@ -90,6 +98,9 @@ class CodeAttention(nn.Module):
 
 
 class TemporalSAE(SAE):
+    """The Temporal SAE (2511.01836 eq. 3-4, as its code computes them; module docstring):
+    novel codes are `f`, predicted codes `extras["predicted_codes"]`."""
+
     config_class = TemporalConfig
     provides = frozenset({"predicted_codes"})
     resamplable = False  # the encoder is the dictionary itself
@@ -105,6 +116,7 @@ class TemporalSAE(SAE):
         self.register_buffer("input_scale", torch.tensor(cfg.d_in ** -0.5))
 
     def codes_of(self, r: Tensor) -> Tensor:
+        """ReLU(λ r Dᵀ): the codes the attention reads (the tied encoder, no bias)."""
         return torch.relu(self.lam * r @ self.W_dec.t())
 
     def encode_with_pre(self, x, pos, mask):
@@ -112,7 +124,7 @@ class TemporalSAE(SAE):
             raise ValueError(f"the Temporal SAE reads whole sequences: x must be [batch, "
                              f"tokens, d], got shape {tuple(x.shape)}")
         r = (x - self.b_dec) * self.input_scale
-        allowed = None if mask is None or bool(mask.all()) else context_allowed(mask)
+        allowed = None if mask is None else context_allowed(mask)
         predicted = torch.zeros(*x.shape[:-1], self.cfg.d_sae, dtype=x.dtype, device=x.device)
         for attention in self.attn_layers:
             z_in = self.codes_of(r)
@@ -123,10 +135,8 @@ class TemporalSAE(SAE):
             predicted = predicted + c * a
             r = r - c * a_dec
         pre = self.lam * r @ self.W_dec.t()
-        f = torch.relu(pre)
-        if self.cfg.k is not None:
-            values, indices = f.topk(self.cfg.k, dim=-1, sorted=False)
-            f = torch.zeros_like(f).scatter(-1, indices, values)
+        values, indices = torch.relu(pre).topk(self.cfg.k, dim=-1, sorted=False)
+        f = torch.zeros_like(pre).scatter(-1, indices, values)
         return f, pre, {"predicted_codes": predicted}
 
     def decode(self, f, extras=None):
@@ -149,10 +159,14 @@ class TemporalSAE(SAE):
 
 
 def context_allowed(mask: Tensor) -> Tensor:
-    """[B, 1, T, T]: query t may attend to slot j ≤ t, slot 0 (the zero vector) always and
-    slot j ≥ 1 (token j - 1) when that token counts."""
+    """[B, 1, T, T]: query t may attend to slot 0 (the zero vector) always, and to slot
+    j ≤ t (token j - 1) when that token counts and no uncounted token lies between it and
+    t (the same document)."""
     T = mask.shape[1]
+    document = (~mask).cumsum(1)                       # changes at each uncounted token
     slot_counts = F.pad(mask[:, :-1], (1, 0), value=True)
+    slot_document = F.pad(document[:, :-1], (1, 0))
+    same = slot_document[:, None, :] == document[:, :, None]
+    same[:, :, 0] = True
     causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-    return (causal & slot_counts[:, None, :])[:, None]
-
+    return (causal & slot_counts[:, None, :] & same)[:, None]
