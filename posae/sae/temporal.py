@@ -46,6 +46,7 @@ class TemporalConfig(SAEConfig):
     decoder_init: str = "standard_normal"
     # Novel codes keep each token's k largest (sae-lens's `topk`).
     k: int = 32
+    # 0: no predicted part (the novel codes alone: a control for what the attention adds)
     n_attn_layers: int = 1
     n_heads: int = 4
     # Query and key width = d_sae / bottleneck_factor (the authors use 1, full width).
@@ -54,9 +55,9 @@ class TemporalConfig(SAEConfig):
     def validate(self) -> None:
         if not 1 <= self.k <= self.d_sae:
             raise ConfigError(f"variant.k: must be in 1..{self.d_sae} (the width), got {self.k}")
-        if self.n_attn_layers < 1 or self.n_heads < 1 or self.bottleneck_factor < 1:
-            raise ConfigError("variant.n_attn_layers, n_heads and bottleneck_factor must be "
-                              "positive")
+        if self.n_attn_layers < 0 or self.n_heads < 1 or self.bottleneck_factor < 1:
+            raise ConfigError("variant.n_heads and bottleneck_factor must be positive, and "
+                              "n_attn_layers non-negative (0: no predicted part, a control)")
         if self.d_sae % (self.bottleneck_factor * self.n_heads):
             raise ConfigError(f"variant: the width {self.d_sae} must be divisible by "
                               f"bottleneck_factor x n_heads = "
