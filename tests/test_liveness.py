@@ -130,7 +130,7 @@ CASES = [
     ("t_sae temporal_infonce (2511.05541 §3.2)", ["variant=t_sae"],
      ["variant=t_sae", "loss=[mse,prefix_mse,auxk]"], None, 0),
     ("temporal_sae attention (2511.01836 eq. 3)", ["variant=temporal_sae"],
-     ["variant=topk", "variant.expansion_factor=4"], "mech/attention_norm", 1e-3),
+     ["variant=temporal_sae", "variant.n_attn_layers=0"], "mech/attention_norm", 1e-3),
     ("jumprelu l0", ["variant=jumprelu"], ["variant=jumprelu", "loss=[mse]"],
      "mech/threshold_mean", 1e-3),
     ("gated_aux", ["variant=gated"], ["variant=gated", "loss=[mse,l1]"], None, 0),
