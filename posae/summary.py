@@ -63,6 +63,12 @@ MECHANISMS = [
     ("multi-scale (002)", [("002_hierarchical", "run_7_multiscale")], "multiscale_510"),
     ("TC window (003 eq. 6)", [("003_tc_sae", "tc_sae"), ("003_tc_sae", "topk_tc_window")],
      "topk_tc_window"),
+    ("T-SAE temporal InfoNCE (2511.05541 §3.2)",
+     [("t_sae", "t_sae"), ("t_sae", "t_sae_code"), ("t_sae", "t_sae_temperature")], "t_sae"),
+    ("Temporal SAE predicted part (2511.01836 eq. 3)", [("temporal_sae", "temporal_sae")],
+     "temporal_sae"),
+    ("Temporal SAE dictionary without prediction (control; against TopK)",
+     [("temporal_sae", "no_prediction")], None),
 ]
 NOT_MATCHABLE = [("curriculum adapters (004 eq. 3)",
                   "not matched: its codes add an adapter output no ReLU follows, so every latent "
