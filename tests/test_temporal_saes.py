@@ -367,10 +367,12 @@ def test_predicted_novel_shares_hand_computed():
     predicted, novel = torch.zeros(1, 2, 32), torch.zeros(1, 2, 32)
     predicted[0, :, 0] = torch.tensor([1.0, 3.0])
     novel[0, 0, 1] = 2.0
-    x = sae.decode(novel, {"predicted_codes": predicted})
+    with torch.no_grad():
+        x = sae.decode(novel, {"predicted_codes": predicted})
     out = SimpleNamespace(f=novel, x_hat=x, extras={"predicted_codes": predicted})
     sums = SplitSums()
-    sums.add(sae, x, torch.ones(1, 2, dtype=torch.bool), out)
+    with torch.no_grad():
+        sums.add(sae, x, torch.ones(1, 2, dtype=torch.bool), out)
     result = sums.results()
     # x = (1, 2, 0, …) and (3, 0, 0, …): Σ‖x − x̄‖² = 2 + 2 = 4
     assert result["norm_share_predicted"] == pytest.approx(10 / 14)
