@@ -108,6 +108,11 @@ def cell(result: dict | None, method: str, labels: list[str]) -> str:
     return effect_text(found.get(label)) if label else "—"
 
 
+def sweep_label(folder: str) -> str:
+    """A seed paper's number (`003` of `003_tc_sae`), or the folder's name."""
+    return folder[:3] if folder[:3].isdigit() else folder
+
+
 def table() -> list[str]:
     header = ["mechanism", "sweep: method (against)", *(c for c, _ in COLUMNS),
               "synthetic: planted features recovered"]
@@ -127,7 +132,7 @@ def table() -> list[str]:
             against = (result or {}).get("effects", {}).get(method, {}).get("against", "—")
             mark = " †" if {method, against} & unmatched(result) else ""
             lines.append("| " + " | ".join([
-                name if i == 0 else "″", f"{folder[:3]}: {method} ({against}){mark}",
+                name if i == 0 else "″", f"{sweep_label(folder)}: {method} ({against}){mark}",
                 *(cell(result, method, labels) for _, labels in COLUMNS),
                 recovery if i == 0 else "″"]) + " |")
     for name, why in NOT_MATCHABLE:
