@@ -117,11 +117,10 @@ class SAE(nn.Module):
         d_in, d_sae = cfg.d_in, cfg.d_sae
         if cfg.decoder_init == "orthogonal":
             W_dec = nn.init.orthogonal_(torch.empty(d_sae, d_in))
-        elif cfg.decoder_init == "standard_normal":
-            W_dec = torch.randn(d_sae, d_in)
         else:
             W_dec = torch.randn(d_sae, d_in)
-            W_dec /= W_dec.norm(dim=1, keepdim=True)
+            if cfg.decoder_init == "normal":
+                W_dec /= W_dec.norm(dim=1, keepdim=True)
         if cfg.encoder_init == "kaiming_uniform":
             W_enc = nn.init.kaiming_uniform_(torch.empty(d_sae, d_in), a=5 ** 0.5).t()
         else:

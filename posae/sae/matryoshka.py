@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from posae.config import ConfigError
-from posae.sae.topk import BatchTopKSAE, TopKConfig
+from posae.sae.topk import BatchTopKSAE, TopKConfig, bag_sums
 
 
 @dataclass
@@ -71,10 +70,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         n_tokens, n_groups = f[..., 0].numel(), len(bounds) - 1
         group = torch.bucketize(latents, torch.tensor(bounds[1:-1], device=latents.device),
                                 right=True)
-        bag = group * n_tokens + tokens  # one bag per (group, token), groups outermost
-        order = bag.argsort()
-        counts = torch.bincount(bag, minlength=n_groups * n_tokens)
-        sums = F.embedding_bag(latents[order], self.W_dec, counts.cumsum(0) - counts,
-                               mode="sum", per_sample_weights=extras["selected_values"][order]
-                               .to(self.W_dec.dtype))
+        bags = group * n_tokens + tokens  # one bag per (group, token), groups outermost
+        sums = bag_sums(bags, latents, extras["selected_values"], n_groups * n_tokens,
+                        self.W_dec)
         return sums.view(n_groups, *f.shape[:-1], -1)

@@ -34,6 +34,15 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
     return out.reshape(*lead, W_dec.shape[1])
 
 
+def bag_sums(bags: Tensor, latents: Tensor, values: Tensor, n_bags: int, W_dec: Tensor) -> Tensor:
+    """[n_bags, d]: per bag, Σ values · W_dec[latents] over the (bag, latent, value) triples
+    in it, one `embedding_bag` (k · d work per token, not a dense decode)."""
+    order = (bags * W_dec.shape[0] + latents).argsort()  # each bag's triples contiguous
+    counts = torch.bincount(bags, minlength=n_bags)
+    return F.embedding_bag(latents[order], W_dec, counts.cumsum(0) - counts, mode="sum",
+                           per_sample_weights=values[order].to(W_dec.dtype))
+
+
 class TopKSAE(SAE):
     config_class = TopKConfig
 
@@ -106,12 +115,8 @@ class BatchTopKSAE(SAE):
     def decode(self, f, extras=None):
         if not (extras and "selected_tokens" in extras):
             return super().decode(f)
-        tokens, latents = extras["selected_tokens"], extras["selected_latents"]
-        order = (tokens * f.shape[-1] + latents).argsort()  # bags of each token contiguous
-        counts = torch.bincount(tokens, minlength=f[..., 0].numel())
-        x_hat = F.embedding_bag(latents[order], self.W_dec, counts.cumsum(0) - counts,
-                                mode="sum", per_sample_weights=extras["selected_values"][order]
-                                .to(self.W_dec.dtype))
+        x_hat = bag_sums(extras["selected_tokens"], extras["selected_latents"],
+                         extras["selected_values"], f[..., 0].numel(), self.W_dec)
         return x_hat.view(*f.shape[:-1], -1) + self.b_dec
 
     def mechanism_state(self) -> dict[str, float]:
