@@ -221,7 +221,8 @@ def sae_provenance(plan: TrainingPlan, cache: ActivationCache, eval_ids: np.ndar
     held-out split against it)."""
     return {"model": {"name": plan.req.model.name, "hf_id": plan.req.model.hf_id},
             "layer": plan.layer, "hook": cache.manifest["hook"],
-            "context_size": plan.req.context_size, "dataset": plan.req.dataset.name,
+            "context_size": plan.req.context_size, "prepend_bos": plan.req.model.prepend_bos,
+            "dataset": plan.req.dataset.name,
             "cache": str(cache.dir),
             "train_on_special_tokens": plan.trainer.train_on_special_tokens,
             "held_out_split": split_fingerprint(eval_ids)}

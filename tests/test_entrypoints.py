@@ -70,7 +70,7 @@ def test_training_evaluates_at_its_end_and_evaluate_reruns_it(tmp_path):
     # a run whose saved SAE records another held-out split is not evaluated on sequences it
     # may have trained on
     record = json.loads((run_dir / "sae" / "cfg.json").read_text())
-    record.pop("held_out_split")
+    record["metadata"]["posae"].pop("held_out_split")
     (run_dir / "sae" / "cfg.json").write_text(json.dumps(record))
     refused = run_module("posae.evaluate", f"run_dir={run_dir}", "eval.families=[structure]")
     assert refused.returncode == 2 and "trained holding out other sequences" in refused.output

@@ -40,7 +40,8 @@ def test_saved_sae_reloads_with_the_same_codes(name, tmp_path):
     sae.eval()
     x, pos, mask = inputs()
     save_sae(sae, tmp_path, {"layer": 3})
-    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == name
+    posae = json.loads((tmp_path / "cfg.json").read_text())["metadata"]["posae"]
+    assert posae["architecture"] == name and posae["layer"] == 3
     loaded = load_sae(tmp_path)
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
     assert torch.equal(loaded.encode(x, pos, mask), sae.encode(x, pos, mask))
@@ -49,9 +50,10 @@ def test_saved_sae_reloads_with_the_same_codes(name, tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("no config", r"cfg\.json: missing"),
     ("no weights", r"sae_weights\.safetensors: missing"),
-    ("garbage config", r"cfg\.json: not a posae SAE config"),
+    ("garbage config", r"cfg\.json: not JSON"),
+    ("no posae config", r"cfg\.json: not a posae SAE config"),
     ("other width", r"sae_weights\.safetensors: does not hold the weights .*cfg\.json"),
-    ("garbage weights", r"sae_weights\.safetensors: does not hold the weights"),
+    ("garbage weights", r"sae_weights\.safetensors: unreadable"),
 ])
 def test_a_damaged_sae_folder_is_refused_naming_the_file(tmp_path, damage, message):
     from posae.config import ConfigError
@@ -66,7 +68,11 @@ def test_a_damaged_sae_folder_is_refused_naming_the_file(tmp_path, damage, messa
         config.write_text("{not json")
     elif damage == "other width":
         record = json.loads(config.read_text())
-        record["config"]["width"] = 2 * D_SAE
+        record["metadata"]["posae"]["config"]["width"] = 2 * D_SAE
+        config.write_text(json.dumps(record))
+    elif damage == "no posae config":
+        record = json.loads(config.read_text())
+        del record["metadata"]["posae"]["config"]
         config.write_text(json.dumps(record))
     else:
         weights.write_bytes(b"not safetensors" * 10)

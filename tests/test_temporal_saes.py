@@ -184,7 +184,7 @@ def test_temporal_sae_loads_in_saelens_with_the_same_codes_and_reconstruction(k,
     (trained on 3·x) and with a non-zero b_dec and attention biases."""
     import sae_lens
 
-    from posae.sae.saelens import save_temporal_for_saelens
+    from posae.sae import save_sae
 
     sae = temporal(k, layers)
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_temporal_sae_loads_in_saelens_with_the_same_codes_and_reconstruction(k,
             p.add_(0.1 * torch.randn_like(p))
     sae.fold_input_scale_(3.0)
     sae.eval()
-    save_temporal_for_saelens(sae, tmp_path, {"hook_name": "blocks.3.hook_resid_post"})
+    save_sae(sae, tmp_path, {"layer": 3, "model": {"name": "minilm"}})
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
     assert type(theirs).__name__ == "TemporalSAE"
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
@@ -397,9 +397,9 @@ def test_whole_words_never_label_a_piece_of_a_longer_word(marker, pieces, words)
     assert whole_words(pieces, marker) == words
 
 
-def test_a_trained_temporal_sae_is_saved_for_saelens_too(tmp_path):
-    """The run's `sae/` folder holds `saelens/`, which sae-lens loads with the run's hook
-    and model, and which reads raw activations as posae's folded SAE does."""
+def test_a_trained_temporal_sae_folder_loads_in_saelens(tmp_path):
+    """The run's `sae/` folder is one sae-lens loads, with the run's hook and model, and
+    reads raw activations as posae's folded SAE does."""
     import sae_lens
 
     from posae.sae.export import save_folded
@@ -408,7 +408,7 @@ def test_a_trained_temporal_sae_is_saved_for_saelens_too(tmp_path):
     provenance = {"model": {"name": "minilm"}, "layer": 3, "hook": "blocks.3.hook_resid_post",
                   "context_size": 128, "train_on_special_tokens": False}
     final = save_folded(sae, 2.0, tmp_path / "sae", provenance)
-    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae" / "saelens"))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
     assert theirs.cfg.metadata.model_name == "minilm"
     x = torch.randn(2, 6, D_IN)

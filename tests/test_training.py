@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from posae.data.cache_reader import ActivationCache
 from posae.eval.held_out import held_out_pass
 from posae.provenance import git_commit
-from posae.sae import load_sae
+from posae.sae import load_sae, read_saved
 from posae.training.batches import BatchLoader, held_out_split, whole_sequences
 from posae.training.checkpoint import load_checkpoint
 
@@ -42,7 +42,7 @@ def cache_root(tmp_path_factory):
 def held_out_metrics(run_dir: Path) -> dict:
     """Recompute held-out metrics from the saved SAE and the cache, as a user would."""
     sae = load_sae(run_dir / "sae")
-    meta = json.loads((run_dir / "sae" / "cfg.json").read_text())
+    meta = read_saved(run_dir / "sae")[1]
     cache = ActivationCache(Path(meta["cache"]))
     _, ids = held_out_split(cache, packed=True, eval_fraction=0.05)
     loader = BatchLoader(cache, cache.context_size, 1.0, False, torch.device("cpu"))
@@ -63,8 +63,7 @@ def test_every_variant_trains_twenty_steps_as_one_multirun(tmp_path, cache_root)
         assert all(math.isfinite(v) for v in summary["final_train_stats"].values()), name
         held_out = summary["held_out"]
         assert math.isfinite(held_out["explained_variance"]) and held_out["l0"] > 0, name
-        saved = json.loads((run_dir / "sae" / "cfg.json").read_text())
-        assert saved["config"]["name"] == name
+        assert read_saved(run_dir / "sae")[1]["config"]["name"] == name
         records = [json.loads(line) for line in
                    (run_dir / "train_log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [10, 20], name
@@ -323,4 +322,4 @@ def test_a_run_folder_is_held_while_training_and_never_relabelled(tmp_path, cach
     resumed = run_module("posae.train", "resume=true", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert {name: (run_dir / name).read_bytes() for name in kept} == kept
-    assert json.loads((run_dir / "sae" / "cfg.json").read_text())["config"]["name"] == "topk"
+    assert read_saved(run_dir / "sae")[1]["config"]["name"] == "topk"

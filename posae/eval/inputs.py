@@ -7,7 +7,6 @@ and the model-preservation splice (docs/metrics.md, "Held-out data").
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +21,7 @@ from posae.data.cache_reader import ActivationCache
 from posae.data.sequences import SpecialTokens
 from posae.eval.held_out import HeldOutPass, held_out_pass, raw_batches
 from posae.models.lm import LanguageModel, load_language_model, resolve_device
-from posae.sae import load_sae
+from posae.sae import load_sae, read_saved
 from posae.sae.base import SAE
 from posae.training.batches import held_out_split, split_fingerprint
 
@@ -50,8 +49,7 @@ class RunInputs:
                                           self.req.cache.verify)
         _, self.eval_ids = held_out_split(self.cache, self.req.dataset.pack,
                                           self.trainer.eval_fraction)
-        trained_with = json.loads((self.run_dir / "sae" / "cfg.json").read_text()).get(
-            "held_out_split")
+        trained_with = read_saved(self.run_dir / "sae")[1].get("held_out_split")
         if trained_with != split_fingerprint(self.eval_ids):
             raise ConfigError(
                 f"run_dir: {self.run_dir} was trained holding out other sequences "

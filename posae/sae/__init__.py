@@ -1,9 +1,10 @@
 """SAE architectures, a name → class registry, and saving/loading without pickle.
 
-A saved SAE is a folder with `cfg.json` (architecture name, its typed config, and where
-its inputs come from) and `sae_weights.safetensors`. Loading looks the name up in
-`REGISTRY` (or imports the SAE class a dotted name names); nothing else from the folder
-is executed.
+A saved SAE is a folder in the SAELens format (posae.sae.saelens): `cfg.json`, with
+posae's architecture name, typed config and the run's provenance under `metadata.posae`,
+and `sae_weights.safetensors`. Loading looks the name up in `REGISTRY` (or imports the SAE
+class a dotted name names); nothing else from the folder is executed. A SAELens folder
+posae did not write is imported (standard, topk, jumprelu and gated SAEs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
 
 from posae.config import ConfigError, typed
+from posae.sae import saelens
 from posae.sae.base import SAE, SAEConfig, SAEOutput
 from posae.sae.curriculum import CurriculumSAE
 from posae.sae.gated import GatedSAE
@@ -77,7 +79,8 @@ register_schemas()
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 # 2 (2026-12): PA-SAE rates stopped scaling the forward pass; the hierarchical SAE's routing
 # gained per-head values and an output projection. Older saves of these compute other codes.
-FORMAT_VERSION = 2
+# 3 (2026-12): the SAELens folder format (posae.sae.saelens); 1 and 2 still load.
+FORMAT_VERSION = 3
 CHANGED_IN = {"pa_sae": 2, "hierarchical": 2}
 
 
@@ -117,41 +120,70 @@ def build_sae(cfg: SAEConfig) -> SAE:
     return architecture(cfg.arch)(cfg)
 
 
-def save_sae(sae: SAE, folder: Path, metadata: dict | None = None) -> None:
+def save_sae(sae: SAE, folder: Path, provenance: dict | None = None) -> None:
+    """Write `sae` to `folder` in the SAELens format (posae.sae.saelens), `provenance` (the
+    run's model, layer, hook, cache, held-out split, ...) in cfg.json's metadata."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"architecture": sae.cfg.arch, "format_version": FORMAT_VERSION,
-              "config": dataclasses.asdict(sae.cfg), **(metadata or {})}
+    block = {"architecture": sae.cfg.arch, "format_version": FORMAT_VERSION,
+             "config": dataclasses.asdict(sae.cfg)}
+    record, weights = saelens.to_saelens(sae, block, provenance or {})
     (folder / CONFIG_FILE).write_text(json.dumps(record, indent=1))
-    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()},
-              str(folder / WEIGHTS_FILE))
+    save_file(weights, str(folder / WEIGHTS_FILE))
 
 
-def load_sae(folder: Path, device: str = "cpu") -> SAE:
-    """The SAE saved in `folder` (`save_sae`); ConfigError names the file that is missing,
-    unreadable or inconsistent with the other."""
+def read_saved(folder: Path) -> tuple[dict, dict]:
+    """(cfg.json record, posae's block) of a saved SAE folder: the block holds posae's
+    architecture, typed config and provenance, and is empty for an SAE posae did not
+    write. ConfigError names the file that is missing or unreadable."""
     config_file, weights_file = Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE
     for path in (config_file, weights_file):
         if not path.is_file():
-            raise ConfigError(f"{path}: missing; {folder} is not a saved posae SAE folder")
+            raise ConfigError(f"{path}: missing; {folder} is not a saved SAE folder (posae's "
+                              f"or SAELens's: cfg.json and sae_weights.safetensors)")
     try:
         record = json.loads(config_file.read_text())
-        cls = architecture(record["architecture"])
-        config = cls.config_class(**record["config"])
-    except (ValueError, KeyError, TypeError) as err:
+    except ValueError as err:
+        raise ConfigError(f"{config_file}: not JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{config_file}: not an SAE config (a JSON object)")
+    if "config" in record and "metadata" not in record:  # format versions 1 and 2
+        return record, record
+    return record, (record.get("metadata") or {}).get("posae") or {}
+
+
+def load_sae(folder: Path, device: str = "cpu") -> SAE:
+    """The SAE saved in `folder`: one posae wrote (`save_sae`, any format version) or any
+    SAELens folder of an architecture posae imports (`saelens.import_saelens`). ConfigError
+    names the file that is missing, unreadable or inconsistent with the other."""
+    config_file, weights_file = Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE
+    record, block = read_saved(folder)
+    try:
+        weights = load_file(str(weights_file))
+    except Exception as err:  # safetensors' parse errors
+        raise ConfigError(f"{weights_file}: unreadable ({str(err).splitlines()[0][:300]})"
+                          ) from None
+    if not block:
+        return saelens.import_saelens(record, weights, str(folder)).to(device)
+    try:
+        cls = architecture(block["architecture"])
+        config = cls.config_class(**block["config"])
+    except (KeyError, TypeError) as err:
         raise ConfigError(f"{config_file}: not a posae SAE config ({type(err).__name__}: "
                           f"{err})") from None
-    if record.get("format_version", 1) < CHANGED_IN.get(record["architecture"], 0):
-        raise ConfigError(f"{Path(folder) / CONFIG_FILE}: a {record['architecture']} SAE saved "
-                          f"before format version {CHANGED_IN[record['architecture']]}, whose "
-                          f"codes this version of posae computes differently; retrain it")
+    if block.get("format_version", 1) < CHANGED_IN.get(block["architecture"], 0):
+        raise ConfigError(f"{config_file}: a {block['architecture']} SAE saved before format "
+                          f"version {CHANGED_IN[block['architecture']]}, whose codes this "
+                          f"version of posae computes differently; retrain it")
+    if block is not record:
+        weights = saelens.restore_state(record, weights)
     sae = cls(config)
     try:
-        sae.load_state_dict(load_file(str(weights_file), device=device))
-    except Exception as err:  # safetensors' parse errors, or shapes that differ from cfg.json
+        sae.load_state_dict(weights)
+    except Exception as err:  # shapes or names that differ from cfg.json
         raise ConfigError(f"{weights_file}: does not hold the weights {config_file} describes "
                           f"({str(err).splitlines()[0][:300]})") from None
     return sae.to(device).eval()
 
 
-__all__ = ["SAE", "SAEConfig", "SAEOutput", "REGISTRY", "build_sae", "load_sae", "save_sae",
-           "sae_config"]
+__all__ = ["SAE", "SAEConfig", "SAEOutput", "REGISTRY", "build_sae", "load_sae", "read_saved",
+           "save_sae", "sae_config"]
