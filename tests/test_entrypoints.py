@@ -93,3 +93,48 @@ def test_evaluate_without_run_dir_says_what_it_needs():
     assert result.returncode == 2, result.output
     assert "run_dir=<the folder of a finished `python -m posae.train` run> is required" in \
         result.output
+
+
+def saelens_folder(folder, d_in: int, hook: str):
+    """A SAELens StandardSAE saved by sae-lens, Gemma Scope's layout (no b_dec on input)."""
+    import sae_lens
+    import torch
+
+    theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=d_in, d_sae=4 * d_in,
+                                                             apply_b_dec_to_input=False))
+    with torch.no_grad():
+        theirs.W_enc.normal_(0, 0.05)
+        theirs.b_enc.fill_(-0.2)
+    theirs.cfg.metadata.hook_name = hook
+    theirs.save_model(str(folder))
+    return folder
+
+
+@pytest.mark.slow
+def test_an_imported_saelens_sae_is_evaluated_like_a_trained_run(tmp_path):
+    """posae.import_sae makes a run folder of a SAELens folder, checks its width and hook
+    against the model and layer before any compute, and evaluates it."""
+    source = saelens_folder(tmp_path / "theirs", 384, "blocks.2.hook_resid_post")
+    args = [*SMALL, f"cache.root={tmp_path / 'cache'}", "eval.families=[structure]"]
+    wrong_layer = run_module("posae.import_sae", f"source={source}", "layer=3", *args,
+                             f"hydra.run.dir={tmp_path / 'no'}")
+    assert wrong_layer.returncode == 2
+    assert "layer=3: " in wrong_layer.output and "which is layer 2 here" in wrong_layer.output
+    narrow = saelens_folder(tmp_path / "narrow", 64, "blocks.2.hook_resid_post")
+    wrong_width = run_module("posae.import_sae", f"source={narrow}", "layer=2", *args,
+                             f"hydra.run.dir={tmp_path / 'no'}")
+    assert wrong_width.returncode == 2 and "d_in=64, but model.d_model is 384" in wrong_width.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "no" / "sae").exists()
+
+    run_dir = tmp_path / "imported"
+    result = run_module("posae.import_sae", f"source={source}", "layer=2", *args,
+                        f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.output[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["sae"]["architecture"] == "relu" and metrics["layer"] == 2
+    assert 0 < metrics["core"]["l0"] < 4 * 384 and "structure" in metrics
+    saved = json.loads((run_dir / "sae" / "cfg.json").read_text())
+    assert saved["metadata"]["posae"]["imported_from"] == str(source)
+    again = run_module("posae.import_sae", f"source={source}", "layer=2", *args,
+                       f"hydra.run.dir={run_dir}")
+    assert again.returncode == 2 and "already holds an SAE" in again.output
