@@ -1,6 +1,6 @@
 """`make bench-train`: training throughput of every variant against relu and the roofline.
 
-Each variant (every conf/variant file) trains for a fixed number of steps on the same
+Each variant (every posae/conf/variant file) trains for a fixed number of steps on the same
 cached activations of the embedded default (MiniLM layer 3, width 8 x d, 2048-token
 batches), through the real `Trainer.train_step` (cache reads, forward, losses,
 backward, Adam, decoder projection, statistics). The roofline is the tokens/s a step

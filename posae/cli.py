@@ -12,7 +12,7 @@ from posae.training.checkpoint import CheckpointCorrupt
 
 log = logging.getLogger("posae")
 
-CONFIG_PATH = "../conf"
+CONFIG_PATH = "conf"  # posae/conf/, shipped inside the package
 
 
 def exit_on_user_error(main):

@@ -1,6 +1,6 @@
 """Typed schemas for the composed Hydra config, and validation that names the bad key.
 
-Hydra composes plain YAML (conf/); each entry point turns the parts it uses into these
+Hydra composes plain YAML (posae/conf/); each entry point turns the parts it uses into these
 dataclasses before any compute, so a wrong type, a missing value or an unknown key fails
 with a message naming the key instead of deep inside a run.
 """
@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 def paper_steps(steps: int, *, _root_: DictConfig) -> int:
     """`${paper_steps:1000}`: a step count the papers give (warmups, curriculum, resampling),
-    divided by `scale.step_divisor` so that it plays out within a shorter run (conf/scale/)."""
+    divided by `scale.step_divisor` so that it plays out within a shorter run
+    (posae/conf/scale/)."""
     return round(int(steps) / positive_int(_root_.scale.step_divisor, "scale.step_divisor"))
 
 
@@ -42,7 +43,7 @@ OmegaConf.register_new_resolver("steps_to_tokens", steps_to_tokens, replace=True
 
 @dataclass
 class ModelConfig:
-    """A language model whose residual stream is cached (conf/model/)."""
+    """A language model whose residual stream is cached (posae/conf/model/)."""
 
     name: str
     hf_id: str
@@ -60,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class SyntheticConfig:
-    """Planted-feature activations (posae/data/synthetic.py; conf/dataset/synthetic.yaml)."""
+    """Planted-feature activations (posae/data/synthetic.py; posae/conf/dataset/synthetic.yaml)."""
 
     d: int = 64
     seed: int = 0
@@ -81,7 +82,7 @@ class SyntheticConfig:
 
 @dataclass
 class DatasetConfig:
-    """A text source, or planted-feature activations (conf/dataset/)."""
+    """A text source, or planted-feature activations (posae/conf/dataset/)."""
 
     name: str
     source: str
@@ -98,7 +99,7 @@ class DatasetConfig:
 
 @dataclass
 class CacheConfig:
-    """Storage of cached activations (conf/cache/)."""
+    """Storage of cached activations (posae/conf/cache/)."""
 
     root: str
     dtype: str = "float16"
@@ -110,7 +111,7 @@ class CacheConfig:
 
 T = TypeVar("T")
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def typed(node: Any, schema: type[T], key: str) -> T:
@@ -255,7 +256,7 @@ def cache_request(cfg: DictConfig, layers_key: str) -> CacheRequest:
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-# conf/resample/<name>.yaml → trainer.resample; the `trainer.resample_select` string it
+# posae/conf/resample/<name>.yaml → trainer.resample; the `trainer.resample_select` string it
 # replaced (2026-12-02) is still read from saved run configs (`legacy_resample_keys`).
 RESAMPLE_POLICIES = {"dead": "ResampleDead", "random": "ResampleRandom",
                      "temporal_importance": "ResampleByTemporalImportance"}
@@ -263,7 +264,7 @@ RESAMPLE_POLICIES = {"dead": "ResampleDead", "random": "ResampleRandom",
 
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule (conf/optim/)."""
+    """Optimiser and learning-rate schedule (posae/conf/optim/)."""
 
     name: str = "adam"
     lr: float = 3e-4
@@ -276,7 +277,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """The training loop (conf/trainer/)."""
+    """The training loop (posae/conf/trainer/)."""
 
     n_tokens: int = 1_000_000
     batch_tokens: int = 2048
@@ -289,7 +290,7 @@ class TrainerConfig:
     dead_after_tokens: int = 100_000
     resample_every: int = 0
     # The policy of posae/training/resampling.py choosing which latents a round resamples,
-    # by _target_ with its arguments (conf/resample/).
+    # by _target_ with its arguments (posae/conf/resample/).
     resample: Dict[str, Any] = field(
         default_factory=lambda: {"_target_": "posae.training.resampling.ResampleDead"})
     checkpoint_every: int = 100
@@ -311,7 +312,8 @@ EVAL_FAMILIES = ("structure", "smoothness", "preservation", "probing", "word_cla
 
 @dataclass
 class EvalConfig:
-    """Evaluation of a trained SAE (conf/eval/): after training and `python -m posae.evaluate`."""
+    """Evaluation of a trained SAE (posae/conf/eval/): after training and in
+    `python -m posae.evaluate`."""
 
     enabled: bool = True
     families: list[str] = field(default_factory=lambda: list(EVAL_FAMILIES))
@@ -324,7 +326,7 @@ class EvalConfig:
     position_probe_tokens: int = 8000
     cluster_latents: int = 512
     max_clusters: int = 12
-    # Files in conf/probing/, each a sparse-probing task.
+    # Files in posae/conf/probing/, each a sparse-probing task.
     probing_tasks: list[str] = field(default_factory=lambda: ["stdlib_packages"])
     probing: dict = field(default_factory=dict)
     absorption: dict = field(default_factory=dict)
@@ -332,11 +334,12 @@ class EvalConfig:
 
 
 def probing_task_file(name: str) -> Path:
-    """conf/probing/<name>.yaml, or an error naming the key and the tasks there are."""
+    """posae/conf/probing/<name>.yaml, or an error naming the key and the tasks there are."""
     path = CONF_DIR / "probing" / f"{name}.yaml"
     if not path.exists():
         have = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError(f"eval.probing_tasks: no task {name!r} in conf/probing/ (have: {have})")
+        raise ConfigError(f"eval.probing_tasks: no task {name!r} in posae/conf/probing/ "
+                          f"(have: {have})")
     return path
 
 

@@ -89,7 +89,7 @@ class TrainingPlan:
         return self.req.layers[0]
 
 
-# Top-level keys conf/config.yaml and its groups define, and those experiment files add:
+# Top-level keys posae/conf/config.yaml and its groups define, and those experiment files add:
 # `paper` (the report's block) and `layers` (dataset=synthetic's, for posae.cache).
 TOP_LEVEL_KEYS = {"layer", "layers", "context_size", "n_tokens", "seed", "match_l0", "resume",
                   "model", "dataset", "cache", "loss", "optim", "trainer", "logger", "eval",

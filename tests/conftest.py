@@ -19,11 +19,11 @@ from posae.config import cache_request, model_config  # noqa: E402
 from posae.models.lm import load_language_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = REPO / "posae" / "conf"
 
 
 def compose_config(name: str = "config", overrides: list[str] | None = None):
-    """Compose conf/<name>.yaml exactly as the entry points do."""
+    """Compose posae/conf/<name>.yaml exactly as the entry points do."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=overrides or [])
 

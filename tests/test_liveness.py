@@ -1,6 +1,6 @@
-"""Every mechanism in conf/variant and conf/loss does something: a short training run on the
-planted-feature data in which the mechanism's logged state moves from where it started, and
-whose trained SAE differs from the same run with the mechanism switched off.
+"""Every mechanism in posae/conf/variant and posae/conf/loss does something: a short training
+run on the planted-feature data in which the mechanism's logged state moves from where it
+started, and whose trained SAE differs from the same run with the mechanism switched off.
 
 The runs go through the real entry-point code (`plan_training`, `open_training_cache`,
 `Trainer.fit`) on `dataset=synthetic`, in-process: 60 steps of 512 tokens each, at
@@ -144,7 +144,7 @@ def loss_signature(package: str, node) -> tuple:
 
 
 def loss_files() -> dict[tuple, str]:
-    """Each conf/loss file by what it puts in the config: its package, `_target_` and
+    """Each posae/conf/loss file by what it puts in the config: its package, `_target_` and
     coefficient `_target_` (l1, l1_adaptive and l1_integral share the package loss.l1)."""
     import yaml
 

@@ -108,7 +108,7 @@ def test_the_synthetic_sweep_runs_every_variant_once():
     """synthetic_runs runs every variant; the matched sweep adds the mechanisms on TopK,
     and no run file is left that neither runs."""
     runs = declared_runs("synthetic_runs")
-    variants = {p.stem for p in (REPO / "conf" / "variant").glob("*.yaml")}
+    variants = {p.stem for p in (REPO / "posae" / "conf" / "variant").glob("*.yaml")}
     assert sorted(runs) == sorted(variants)
     files = {p.stem for p in (REPO / "experiments" / "synthetic" / "synthetic_run").glob("*.yaml")}
     assert files == variants | set(declared_runs("synthetic_matched"))

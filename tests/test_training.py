@@ -193,7 +193,7 @@ def test_resume_refuses_a_changed_override(tmp_path, cache_root):
                    check=True, capture_output=True)
     result = run_module("posae.train", "resume=true", "layer=3", f"hydra.run.dir={run_dir}")
     assert result.returncode == 2 and "layer=3 differs from the run's saved config" in result.output
-    # a group packaged elsewhere (conf/resample/ at trainer.resample) is compared there
+    # a group packaged elsewhere (posae/conf/resample/ at trainer.resample) is compared there
     result = run_module("posae.train", "resume=true", "resample=random",
                         f"hydra.run.dir={run_dir}")
     assert result.returncode == 2 and "resample=random differs" in result.output

@@ -1,4 +1,4 @@
-"""Loss terms, one module per family; `conf/loss/<term>.yaml` names each by `_target_`."""
+"""Loss terms, one module per family; `posae/conf/loss/<term>.yaml` names each by `_target_`."""
 
 from __future__ import annotations
 

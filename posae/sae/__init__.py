@@ -102,7 +102,8 @@ def architecture(name: str) -> type[SAE]:
 
 
 def sae_config(variant, d_in: int) -> SAEConfig:
-    """The typed config of `variant` (a composed conf/variant node) for inputs of width d_in."""
+    """The typed config of `variant` (a composed posae/conf/variant node) for inputs of
+    width d_in."""
     cls = architecture(variant.get("architecture") or variant.name)
     cfg = typed(variant, cls.config_class, "variant")
     cfg.d_in = d_in

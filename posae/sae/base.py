@@ -39,7 +39,7 @@ def per_position(table: Tensor, pos: Tensor) -> Tensor:
 class SAEConfig:
     """Fields every architecture shares; subclasses add their own."""
 
-    # The variant's name (conf/variant/<name>.yaml); also its architecture unless set.
+    # The variant's name (posae/conf/variant/<name>.yaml); also its architecture unless set.
     name: str
     # Registry key of the architecture, when a paper variant reuses one (tc_sae -> relu).
     architecture: Optional[str] = None

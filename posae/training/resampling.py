@@ -1,5 +1,5 @@
 """Resampling latents: which to re-initialise (a policy, `trainer.resample`, chosen by
-`_target_`: conf/resample/), how, and when (`Resampler`, a step hook).
+`_target_`: posae/conf/resample/), how, and when (`Resampler`, a step hook).
 
 `ResampleDead` (Bricken et al. 2023): latents that have not fired for `dead_after_tokens`.
 `ResampleByTemporalImportance` (001 eq. 6): every latent's score
@@ -107,7 +107,7 @@ def resample_policy(node) -> ResamplePolicy:
     node = OmegaConf.create(dict(node))
     if "_target_" not in node:
         raise ConfigError("trainer.resample: needs a _target_ naming its ResamplePolicy class "
-                          "(conf/resample/)")
+                          "(posae/conf/resample/)")
     check_targets(node, "trainer.resample", ResamplePolicy)
     try:
         return instantiate(node)

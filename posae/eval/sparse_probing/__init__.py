@@ -2,7 +2,7 @@
 
 How well do a few SAE latents linearly encode a known property of a text?
 
-1. Pool. Every text of a task (`conf/probing/<task>.yaml`) goes once through the LM to
+1. Pool. Every text of a task (`posae/conf/probing/<task>.yaml`) goes once through the LM to
    block `layer` (truncated to `context_size` tokens) and the SAE; per text, the SAE codes
    and, as the reference, the raw residual stream are mean-pooled over the text's own
    tokens (no special tokens, no padding).

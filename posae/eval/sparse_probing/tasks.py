@@ -1,4 +1,4 @@
-"""Probing tasks (step 1's texts): the task files' schema (conf/probing/<task>.yaml) and
+"""Probing tasks (step 1's texts): the task files' schema (posae/conf/probing/<task>.yaml) and
 their texts and labels, from the embedded standard-library docstrings (source=stdlib) or
 a Hugging Face dataset (source=hf). Texts found in two classes are dropped."""
 
@@ -20,7 +20,7 @@ STDLIB_LABEL_FIELDS = ("package",)
 
 @dataclass
 class ProbingTaskConfig:
-    """One task (conf/probing/<name>.yaml)."""
+    """One task (posae/conf/probing/<name>.yaml)."""
 
     name: str
     # stdlib: the embedded standard-library docstrings | hf: a Hugging Face dataset
