@@ -109,8 +109,8 @@ def model_card(run_dir: Path, record: dict, posae: dict, repo_id: str, sae_id: s
               f'folder = snapshot_download("{repo_id}", allow_patterns="{sae_id}/*")',
               f'sae = load_sae(Path(folder) / "{sae_id}")', "```", ""]
     if not loads_in_saelens:
-        lines += [f"`{posae['architecture']}` is a posae architecture: sae-lens reads its "
-                  f"config but cannot build it; posae can.", ""]
+        lines += [f"`{posae['architecture']}` is a posae architecture: sae-lens does not know "
+                  f"it, posae loads it.", ""]
     lines += ["## Config", "", "The SAE's own config (the run's full config is "
               f"`{sae_id}/run_config.yaml`):", "", "```yaml",
               yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]

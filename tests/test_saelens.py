@@ -147,3 +147,20 @@ def test_negative_jumprelu_thresholds_are_refused(tmp_path):
                                         ("blocks.3.hook_mlp_out", None), (None, None)])
 def test_hook_names_map_to_posae_layers(hook, layer):
     assert hook_layer(hook) == layer
+
+
+def test_a_position_aware_sae_keeps_the_layout_under_a_posae_name(tmp_path):
+    """The same cfg.json fields, posae's parameter names, architecture posae_<name>: posae
+    loads it, sae-lens does not know the architecture (README, "SAELens ...")."""
+    from posae.sae.pa_sae import PASAE
+
+    sae = perturbed(build_sae(PASAE.config_class("pa_sae", d_in=D_IN, width=D_SAE,
+                                                 context_size=8)))
+    save_sae(sae, tmp_path, {"layer": 2})
+    record = json.loads((tmp_path / "cfg.json").read_text())
+    assert record["architecture"] == "posae_pa_sae" and record["d_sae"] == D_SAE
+    assert record["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+    with pytest.raises(KeyError, match="posae_pa_sae"):
+        sae_lens.SAE.load_from_disk(str(tmp_path))
+    x, pos = 3 * torch.randn(2, 8, D_IN), torch.arange(8).expand(2, 8)
+    torch.testing.assert_close(load_sae(tmp_path).encode(x, pos), sae.encode(x, pos))
