@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import run_module
@@ -110,20 +111,32 @@ def saelens_folder(folder, d_in: int, hook: str):
     return folder
 
 
+@pytest.mark.parametrize("d_in,hook,layer,message", [
+    (384, "blocks.2.hook_resid_post", 3, "layer=3: t reads 'blocks.2.hook_resid_post', which "
+                                         "is layer 2 here"),
+    (64, "blocks.2.hook_resid_post", 2, "d_in=64, but model.d_model is 384"),
+    (384, "blocks.2.hook_mlp_out", 2, "posae caches the residual stream after a block"),
+])
+def test_an_import_is_checked_against_the_model_and_layer(d_in, hook, layer, message):
+    from posae.config import ConfigError
+    from posae.import_sae import check_matches
+    from posae.sae import build_sae
+    from posae.sae.base import SAEConfig
+
+    sae = build_sae(SAEConfig("relu", d_in=d_in, width=2 * d_in))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_matches(sae, {"metadata": {"hook_name": hook}}, "t", layer, 384)
+
+
 @pytest.mark.slow
 def test_an_imported_saelens_sae_is_evaluated_like_a_trained_run(tmp_path):
-    """posae.import_sae makes a run folder of a SAELens folder, checks its width and hook
-    against the model and layer before any compute, and evaluates it."""
+    """posae.import_sae makes a run folder of a SAELens folder and evaluates it; a wrong
+    layer is refused before any compute."""
     source = saelens_folder(tmp_path / "theirs", 384, "blocks.2.hook_resid_post")
     args = [*SMALL, f"cache.root={tmp_path / 'cache'}", "eval.families=[structure]"]
     wrong_layer = run_module("posae.import_sae", f"source={source}", "layer=3", *args,
                              f"hydra.run.dir={tmp_path / 'no'}")
-    assert wrong_layer.returncode == 2
-    assert "layer=3: " in wrong_layer.output and "which is layer 2 here" in wrong_layer.output
-    narrow = saelens_folder(tmp_path / "narrow", 64, "blocks.2.hook_resid_post")
-    wrong_width = run_module("posae.import_sae", f"source={narrow}", "layer=2", *args,
-                             f"hydra.run.dir={tmp_path / 'no'}")
-    assert wrong_width.returncode == 2 and "d_in=64, but model.d_model is 384" in wrong_width.output
+    assert wrong_layer.returncode == 2 and "which is layer 2 here" in wrong_layer.output
     assert not (tmp_path / "cache").exists() and not (tmp_path / "no" / "sae").exists()
 
     run_dir = tmp_path / "imported"
@@ -135,6 +148,3 @@ def test_an_imported_saelens_sae_is_evaluated_like_a_trained_run(tmp_path):
     assert 0 < metrics["core"]["l0"] < 4 * 384 and "structure" in metrics
     saved = json.loads((run_dir / "sae" / "cfg.json").read_text())
     assert saved["metadata"]["posae"]["imported_from"] == str(source)
-    again = run_module("posae.import_sae", f"source={source}", "layer=2", *args,
-                       f"hydra.run.dir={run_dir}")
-    assert again.returncode == 2 and "already holds an SAE" in again.output
