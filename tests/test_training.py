@@ -69,9 +69,11 @@ def test_every_variant_trains_twenty_steps_as_one_multirun(tmp_path, cache_root)
         assert [r["step"] for r in records] == [10, 20], name
         assert records[-1]["l0"] == summary["final_train_stats"]["l0"], name
         assert set(summary["mechanisms"]) <= set(summary["final_train_stats"]), name
-        again = held_out_metrics(run_dir)
+        again = held_out_metrics(run_dir)  # from the saved folder, as a user reloads it
+        # float32 rounding of the SAELens layout (JumpReLU's exp(log θ), the Temporal
+        # SAE's b_dec moved into the rescaled space): equal to 1e-7, not bit for bit
         assert again["explained_variance"] == pytest.approx(held_out["explained_variance"],
-                                                            rel=1e-9), name
+                                                            rel=1e-7), name
     pa_sae = json.loads((tmp_path / str(VARIANTS.index("pa_sae")) / "train_summary.json")
                         .read_text())["mechanisms"]
     assert {"mech/rate_min", "mech/rate_max", "mech/mask_mean", "mech/importance_weight_std",
