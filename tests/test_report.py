@@ -114,8 +114,24 @@ def test_the_synthetic_sweep_runs_every_variant_once():
     assert files == variants | set(declared_runs("synthetic_matched"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_every_run_of_a_paper_sweep_is_planned(experiment):
+    """Each run composes as the sweep composes it and passes `plan_training`, without
+    compute (the two sweeps below, and tc_sae_runs in the partly-finished report test,
+    also train and report every run)."""
+    from conftest import compose_config
+
+    from posae.train import plan_training
+
+    _, group = EXPERIMENTS[experiment]
+    for run in declared_runs(experiment):
+        plan = plan_training(compose_config(overrides=[f"+{group}={run}",
+                                                       f"+experiment={experiment}"]))
+        assert plan.trainer.total_steps > 0, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["pa_sae_runs", "hierarchical_runs"])
 def test_paper_sweep_runs_and_reports_one_row_per_run(experiment, tmp_path, cache_root):
     sweep = tmp_path / "sweep"
     result = run_module("posae.train", "-m", f"+experiment={experiment}", *TINY,
