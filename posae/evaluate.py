@@ -19,22 +19,28 @@ from posae.eval.run import evaluate_run
 from posae.training.loggers import make_logger
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    ecfg = eval_config(cfg.eval)
-    run_dir = Path(cfg.run_dir)
-    summary = run_dir / "train_summary.json"
-    run_id = json.loads(summary.read_text()).get("wandb_run_id") if summary.exists() else None
-    logger = make_logger(cfg, run_dir, run_dir.name, None, run_id, True)
+def evaluate_logged(cfg: DictConfig, run_dir: Path, wandb_run_id: str | None = None) -> dict:
+    """Evaluate `run_dir` with `cfg.eval`, logging to `cfg.logger` (into the W&B run
+    `wandb_run_id` when given), and log the headline numbers; the metrics."""
+    logger = make_logger(cfg, run_dir, run_dir.name, None, wandb_run_id, True)
     try:
-        metrics = evaluate_run(run_dir, ecfg, logger)
+        metrics = evaluate_run(run_dir, eval_config(cfg.eval), logger)
     finally:
         logger.finish()
     core = metrics["core"]
-    log.info("%s: explained variance %.4f, L0 %.1f, dead %.3f; metrics.json and %d plots in %s",
+    log.info("%s: explained variance %.4f, L0 %.1f; metrics.json and %d plots in %s",
              metrics["sae"]["name"], core["explained_variance"], core["l0"],
-             core["dead_fraction"], len(metrics["plots"]), run_dir)
+             len(metrics["plots"]), run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    summary = run_dir / "train_summary.json"
+    run_id = json.loads(summary.read_text()).get("wandb_run_id") if summary.exists() else None
+    evaluate_logged(cfg, run_dir, run_id)
 
 
 if __name__ == "__main__":

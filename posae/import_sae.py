@@ -26,11 +26,10 @@ from posae.data.cache_format import CacheSpec
 from posae.data.cache_reader import ActivationCache
 from posae.data.cache_writer import build_cache
 from posae.eval.inputs import RUN_CONFIG
-from posae.eval.run import evaluate_run
+from posae.evaluate import evaluate_logged
 from posae.sae import SAE, load_sae, read_saved, save_sae
 from posae.sae.saelens import hook_layer, import_pretrained
 from posae.training.batches import held_out_split, split_fingerprint
-from posae.training.loggers import make_logger
 
 
 def read_source(cfg: DictConfig) -> tuple[SAE, dict, str]:
@@ -93,14 +92,7 @@ def main(cfg: DictConfig) -> None:
     log.info("imported %s (%s, %d latents) into %s", origin, sae.cfg.name, sae.cfg.d_sae,
              run_dir)
     if ecfg.enabled:
-        logger = make_logger(cfg, run_dir, run_dir.name, None, None, True)
-        try:
-            metrics = evaluate_run(run_dir, ecfg, logger)
-        finally:
-            logger.finish()
-        core = metrics["core"]
-        log.info("%s: explained variance %.4f, L0 %.1f; metrics.json in %s", origin,
-                 core["explained_variance"], core["l0"], run_dir)
+        evaluate_logged(cfg, run_dir)
 
 
 if __name__ == "__main__":
