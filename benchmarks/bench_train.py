@@ -26,7 +26,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import compose_config  # noqa: E402
 
-from posae.config import cache_request, optim_config, trainer_config  # noqa: E402
+from posae.config import CONF_DIR, cache_request, optim_config, trainer_config  # noqa: E402
 from posae.data.cache_format import CacheSpec  # noqa: E402
 from posae.data.cache_reader import ActivationCache  # noqa: E402
 from posae.data.cache_writer import build_cache  # noqa: E402
@@ -38,8 +38,7 @@ from posae.training.trainer import Trainer  # noqa: E402
 
 # Timed in steady state: the curriculum's adapters switched on from the first step.
 STEADY_STATE = {"curriculum": ["variant.curriculum_delay=0"]}
-VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "variant")
-                  .glob("*.yaml"))
+VARIANTS = sorted(p.stem for p in (CONF_DIR / "variant").glob("*.yaml"))
 
 
 def matmul_flops(n: int, d: int, m: int, repeats: int = 20) -> float:
