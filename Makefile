@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # A cluster's own torch is kept. Override: make install TORCH='torch==2.5.1'.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test run matched bench-cache bench-train
+.PHONY: install test run matched bench-cache bench-train bench-gpu
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -27,3 +27,6 @@ bench-cache:
 
 bench-train:  # every variant vs relu and the roofline
 	$(PYTHON) benchmarks/bench_train.py
+
+bench-gpu:  # one GPU, offline, under 8 minutes (benchmarks/gpu_check.py)
+	PYTHON=$(PYTHON) benchmarks/gpu_check.sh

@@ -22,9 +22,10 @@ from posae.training.loggers import make_logger
 def evaluate_logged(cfg: DictConfig, run_dir: Path, wandb_run_id: str | None = None) -> dict:
     """Evaluate `run_dir` with `cfg.eval`, logging to `cfg.logger` (into the W&B run
     `wandb_run_id` when given), and log the headline numbers; the metrics."""
+    ecfg = eval_config(cfg.eval)  # a bad key fails before W&B is touched
     logger = make_logger(cfg, run_dir, run_dir.name, None, wandb_run_id, True)
     try:
-        metrics = evaluate_run(run_dir, eval_config(cfg.eval), logger)
+        metrics = evaluate_run(run_dir, ecfg, logger)
     finally:
         logger.finish()
     core = metrics["core"]

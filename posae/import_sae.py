@@ -46,13 +46,21 @@ def read_source(cfg: DictConfig) -> tuple[SAE, dict, str]:
     return sae, record, f"{cfg.release}/{cfg.sae_id}"
 
 
-def check_matches(sae: SAE, record: dict, origin: str, layer: int, d_model: int) -> None:
-    """The SAE reads the cached activations: its width is the model's and its hook (if it
-    names one) is the residual stream after block `layer`."""
+def check_matches(sae: SAE, record: dict, origin: str, layer: int, d_model: int,
+                  model_names: tuple[str, ...] = ()) -> None:
+    """The SAE reads the cached activations: its width is the model's, its hook (if it
+    names one) is the residual stream after block `layer`, and it was not trained on
+    centred TransformerLens weights; a model name other than `model_names` is warned of
+    (names differ between libraries)."""
     if sae.cfg.d_in != d_model:
         raise ConfigError(f"source: {origin} reads d_in={sae.cfg.d_in}, but model.d_model is "
                           f"{d_model}; choose the model it was trained on")
-    hook = (record.get("metadata") or {}).get("hook_name")
+    meta = record.get("metadata") or {}
+    if (meta.get("model_from_pretrained_kwargs") or {}).get("center_writing_weights"):
+        raise ConfigError(f"source: {origin} was trained on TransformerLens activations with "
+                          f"center_writing_weights=true, not the model's own residual stream, "
+                          f"which posae caches")
+    hook = meta.get("hook_name") or record.get("hook_name") or record.get("hook_point")
     if hook is None:
         log.warning("%s names no hook_name: trusting layer=%d", origin, layer)
         return
@@ -62,20 +70,28 @@ def check_matches(sae: SAE, record: dict, origin: str, layer: int, d_model: int)
     if hook_layer(hook) != layer:
         raise ConfigError(f"layer={layer}: {origin} reads {hook!r}, which is layer "
                           f"{hook_layer(hook)} here")
+    trained_on = meta.get("model_name")
+    if trained_on and model_names and trained_on not in model_names:
+        log.warning("%s was trained on model %r, evaluated here on %s: check they are the "
+                    "same model", origin, trained_on, " / ".join(model_names))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="import_sae")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if (run_dir / "sae").exists():
-        raise ConfigError(f"hydra.run.dir: {run_dir} already holds an SAE; choose another folder")
+    taken = [name for name in ("sae", RUN_CONFIG, "train_summary.json", "checkpoints")
+             if (run_dir / name).exists()]
+    if taken:
+        raise ConfigError(f"hydra.run.dir: {run_dir} already holds a run ({', '.join(taken)}); "
+                          f"choose another folder")
     req = cache_request(cfg, "layer")
     trainer = trainer_config(cfg.trainer, req.context_size)
     ecfg = eval_config(cfg.eval)
     sae, record, origin = read_source(cfg)
     layer = req.layers[0]
-    check_matches(sae, record, origin, layer, req.model.d_model)
+    check_matches(sae, record, origin, layer, req.model.d_model,
+                  (req.model.name, req.model.hf_id))
     build_cache(req)
     cache = ActivationCache.open(CacheSpec.from_request(req), layer, verify=False)
     _, eval_ids = held_out_split(cache, req.dataset.pack, trainer.eval_fraction)

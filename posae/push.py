@@ -5,7 +5,8 @@
 
 The upload holds the SAE folder (the SAELens format: sae-lens loads it by repo id and
 path, posae by `load_sae`), its metrics, config and plots under `<sae_id>/`, and a model
-card (README.md) with the numbers, the config, the plots and how to load it. It is staged
+card (README.md, at the repository's root unless it has one, and in `<sae_id>/`) with
+the numbers, the config, the plots and how to load it. It is staged
 in `<run_dir>/hub_upload/` first; the run's own files are only read.
 """
 
@@ -68,13 +69,17 @@ def stage_upload(run_dir: Path, repo_id: str, sae_id: str | None) -> tuple[Path,
             shutil.copy(run_dir / name, target / name)
     if (run_dir / "plots").is_dir():
         shutil.copytree(run_dir / "plots", target / "plots")
-    (stage / "README.md").write_text(model_card(run_dir, record, posae, repo_id, sae_id))
+    (stage / "README.md").write_text(model_card(run_dir, record, posae, repo_id, sae_id,
+                                                f"{sae_id}/"))
+    (target / "README.md").write_text(model_card(run_dir, record, posae, repo_id, sae_id, ""))
     return stage, sae_id
 
 
-def model_card(run_dir: Path, record: dict, posae: dict, repo_id: str, sae_id: str) -> str:
+def model_card(run_dir: Path, record: dict, posae: dict, repo_id: str, sae_id: str,
+               here: str) -> str:
     """README.md of the upload: Hub metadata, what the SAE is, its held-out numbers, config,
-    plots, provenance, and how to load it with SAELens and with posae."""
+    plots, provenance, and how to load it with SAELens and with posae. `here`: the path from
+    the card's folder to the SAE's ("<sae_id>/" at the root, "" beside it)."""
     cfg = posae["config"]
     model = posae.get("model") or {}
     metrics = read_json(run_dir / "metrics.json")
@@ -83,10 +88,11 @@ def model_card(run_dir: Path, record: dict, posae: dict, repo_id: str, sae_id: s
     if model.get("hf_id"):
         front["base_model"] = model["hf_id"]
     loads_in_saelens = not record["architecture"].startswith(OWN_PREFIX)
+    origin_verb = "imported into" if posae.get("imported_from") else "trained with"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {cfg['name']} SAE · {model.get('name', '?')} layer {posae.get('layer', '?')}",
-             "", f"A sparse autoencoder trained with posae "
-             f"on the residual stream after block {posae.get('layer', '?')} of "
+             "", f"A sparse autoencoder {origin_verb} posae, on the residual stream after "
+             f"block {posae.get('layer', '?')} of "
              f"`{model.get('hf_id') or model.get('name')}` "
              f"(`{record.get('metadata', {}).get('hook_name', '?')}`).", "",
              "| | |", "|---|---|",
@@ -112,11 +118,11 @@ def model_card(run_dir: Path, record: dict, posae: dict, repo_id: str, sae_id: s
         lines += [f"`{posae['architecture']}` is a posae architecture: sae-lens does not know "
                   f"it, posae loads it.", ""]
     lines += ["## Config", "", "The SAE's own config (the run's full config is "
-              f"`{sae_id}/run_config.yaml`):", "", "```yaml",
+              f"`{here}run_config.yaml`):", "", "```yaml",
               yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
     plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
     if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({sae_id}/plots/{p.name})" for p in plots]
+        lines += ["## Plots", ""] + [f"![{p.stem}]({here}plots/{p.name})" for p in plots]
         lines.append("")
     origin = (summary or {}).get("provenance") or {}
     if origin or posae.get("imported_from"):
@@ -138,13 +144,17 @@ def read_json(path: Path) -> dict | None:
 
 
 def upload(stage: Path, repo_id: str, private: bool, sae_id: str) -> str:
-    """Create the repository if needed and upload the staged folder; its URL."""
+    """Create the repository if needed and upload the staged folder; its URL. The card
+    becomes the repository's README.md only if it has none (another SAE's); it is always
+    `<sae_id>/README.md`."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
+    keep_readme = api.file_exists(repo_id, "README.md")
     info = api.upload_folder(repo_id=repo_id, folder_path=str(stage),
-                             commit_message=f"posae: add {sae_id}")
+                             commit_message=f"posae: add {sae_id}",
+                             ignore_patterns=["README.md"] if keep_readme else None)
     return str(getattr(info, "commit_url", info))
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,17 +239,25 @@ def held_out_at_end(final: SAE, plan: TrainingPlan, cache: ActivationCache,
                        HELD_OUT_BATCH, accelerator.device, accelerator.mixed_precision)
 
 
+def peak_memory() -> dict:
+    """This process's peak resident memory and, on a GPU, peak allocated GPU memory (bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"rss_bytes": rss, "gpu_bytes": gpu}
+
+
 def write_train_summary(run_dir: Path, held_out: dict, trainer: Trainer, seconds: float,
                         wandb_run_id: str | None, origin: dict) -> None:
     """train_summary.json: held-out core metrics, the last step's statistics (the
-    mechanisms' among them), steps, tokens, time, W&B run and code provenance."""
+    mechanisms' among them), steps, tokens, time, peak memory, W&B run and code
+    provenance."""
     mechanisms = {k: v for k, v in trainer.last_stats.items()
                   if k.startswith(("mech/", "coef/", "resample/"))}
     summary = {"held_out": held_out, "final_train_stats": trainer.last_stats,
                "mechanisms": mechanisms,
                "steps": trainer.step, "tokens": trainer.step * trainer.cfg.batch_tokens,
-               "train_seconds": seconds, "wandb_run_id": wandb_run_id,
-               "provenance": origin}
+               "train_seconds": seconds, "peak_memory": peak_memory(),
+               "wandb_run_id": wandb_run_id, "provenance": origin}
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     log.info("held-out: explained variance %.4f, L0 %.1f, MSE %.4g, dead %.3f (%s)",
              held_out["explained_variance"], held_out["l0"], held_out["mse"],

@@ -116,6 +116,7 @@ def saelens_folder(folder, d_in: int, hook: str):
                                          "is layer 2 here"),
     (64, "blocks.2.hook_resid_post", 2, "d_in=64, but model.d_model is 384"),
     (384, "blocks.2.hook_mlp_out", 2, "posae caches the residual stream after a block"),
+    (384, "centred", 2, "center_writing_weights=true"),
 ])
 def test_an_import_is_checked_against_the_model_and_layer(d_in, hook, layer, message):
     from posae.config import ConfigError
@@ -124,8 +125,12 @@ def test_an_import_is_checked_against_the_model_and_layer(d_in, hook, layer, mes
     from posae.sae.base import SAEConfig
 
     sae = build_sae(SAEConfig("relu", d_in=d_in, width=2 * d_in))
+    meta = {"hook_name": hook}
+    if hook == "centred":
+        meta = {"hook_name": "blocks.2.hook_resid_post",
+                "model_from_pretrained_kwargs": {"center_writing_weights": True}}
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_matches(sae, {"metadata": {"hook_name": hook}}, "t", layer, 384)
+        check_matches(sae, {"metadata": meta}, "t", layer, 384)
 
 
 @pytest.mark.slow

@@ -132,12 +132,71 @@ def test_an_import_posae_cannot_fold_is_refused_naming_the_setting(change, messa
         load_sae(tmp_path)
 
 
-def test_negative_jumprelu_thresholds_are_refused(tmp_path):
+def test_negative_jumprelu_thresholds_import_as_zero(tmp_path):
+    """sae-lens gates ReLU(pre), so a threshold below 0 acts as 0: the same codes."""
     theirs = saelens_sae("jumprelu", True)
     with torch.no_grad():
-        theirs.threshold[0] = -0.1
+        theirs.threshold[:10] = -0.1
     theirs.save_model(str(tmp_path))
-    with pytest.raises(ConfigError, match="negative JumpReLU thresholds"):
+    x = x_batch()
+    torch.testing.assert_close(load_sae(tmp_path).encode(x), theirs.encode(x), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_a_pre_6_topk_folder_imports_as_saelens_reads_it(tmp_path):
+    """A pre-6.0 cfg.json (architecture unset, activation_fn_str topk with its k,
+    hook_point, boolean normalize_activations) is a TopK SAE, as for sae-lens."""
+    theirs = saelens_sae("topk", True, k=4)
+    theirs.save_model(str(tmp_path))
+    record = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "activation_fn_str": "topk",
+              "activation_fn_kwargs": {"k": 4}, "hook_point": "blocks.1.hook_resid_post",
+              "normalize_activations": False, "apply_b_dec_to_input": True}
+    (tmp_path / "cfg.json").write_text(json.dumps(record))
+    ours = load_sae(tmp_path)
+    assert type(ours).__name__ == "TopKSAE"
+    x = x_batch()
+    torch.testing.assert_close(ours.encode(x), theirs.encode(x), atol=1e-5, rtol=1e-5)
+    assert (ours.encode(x) > 0).sum(-1).max() <= 4
+
+
+@pytest.mark.parametrize("drop,message", [("k", "needs k"), ("W_enc", "needs W_enc")])
+def test_a_folder_missing_a_field_or_weight_is_refused_naming_it(drop, message, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saelens_sae("topk", True, k=4).save_model(str(tmp_path))
+    record = json.loads((tmp_path / "cfg.json").read_text())
+    record.pop(drop, None)
+    (tmp_path / "cfg.json").write_text(json.dumps(record))
+    weights = load_file(str(tmp_path / "sae_weights.safetensors"))
+    weights.pop(drop, None)
+    save_file(weights, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(ConfigError, match=message):
+        load_sae(tmp_path)
+
+
+def test_folders_of_posae_format_versions_1_and_2_still_load(tmp_path):
+    """posae's layout before the SAELens format: cfg.json with `config` at the top and
+    posae's parameter names; a pa_sae saved before version 2 is refused."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from posae.sae.pa_sae import PASAE
+
+    sae = perturbed(build_sae(JumpReLUConfig("jumprelu", d_in=D_IN, width=D_SAE)))
+    old = {"architecture": "jumprelu", "format_version": 2,
+           "config": dataclasses.asdict(sae.cfg), "layer": 3}
+    (tmp_path / "cfg.json").write_text(json.dumps(old))
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()},
+              str(tmp_path / "sae_weights.safetensors"))
+    x = x_batch()
+    assert torch.equal(load_sae(tmp_path).encode(x), sae.encode(x))
+    pa = build_sae(PASAE.config_class("pa_sae", d_in=D_IN, width=D_SAE, context_size=8))
+    (tmp_path / "cfg.json").write_text(json.dumps(
+        {"architecture": "pa_sae", "format_version": 1, "config": dataclasses.asdict(pa.cfg)}))
+    save_file({k: v.contiguous() for k, v in pa.state_dict().items()},
+              str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(ConfigError, match="saved before format version 2"):
         load_sae(tmp_path)
 
 

@@ -182,7 +182,7 @@ def load_sae(folder: Path, device: str = "cpu") -> SAE:
         sae.load_state_dict(weights)
     except Exception as err:  # shapes or names that differ from cfg.json
         raise ConfigError(f"{weights_file}: does not hold the weights {config_file} describes "
-                          f"({str(err).splitlines()[0][:300]})") from None
+                          f"({saelens.first_lines(err)})") from None
     return sae.to(device).eval()
 
 

@@ -141,7 +141,6 @@ def saelens_metadata(provenance: dict) -> dict:
         return {}
     return {"model_name": provenance.get("model", {}).get("name"),
             "hook_name": f"blocks.{provenance['layer']}.hook_resid_post",
-            "hf_hook_name": provenance.get("hook"),
             "context_size": provenance.get("context_size"),
             "prepend_bos": provenance.get("prepend_bos"),
             "exclude_special_tokens": not provenance.get("train_on_special_tokens", False),
@@ -186,14 +185,60 @@ def hook_layer(hook_name: str | None) -> int | None:
     return layer if layer >= 0 else None
 
 
+def is_pre_6(record: dict) -> bool:
+    """A folder written before sae-lens 6 (no sae_lens_version >= 6 anywhere)."""
+    version = record.get("sae_lens_version") or (record.get("metadata") or {}).get(
+        "sae_lens_version")
+    try:
+        return not version or int(str(version).split(".")[0]) < 6
+    except ValueError:
+        return True
+
+
+def upgrade_pre_6(record: dict) -> dict:
+    """A pre-6.0 cfg.json in sae-lens 6's terms, as sae-lens reads one: hook_point is
+    hook_name, the architecture defaults to standard (topk when activation_fn_str is topk
+    with a k), a boolean normalize_activations is "none" (False) or
+    "expected_average_only_in" (True), hook_z hooks reshape."""
+    old = {{"hook_point": "hook_name", "activation_fn_str": "activation_fn"}.get(k, k): v
+           for k, v in record.items()}
+    new = {"apply_b_dec_to_input": True, "architecture": "standard", **old}
+    k = (old.get("activation_fn_kwargs") or {}).get("k")
+    if old.get("activation_fn") == "topk" and k is not None:
+        new.update(architecture="topk", k=k)
+    norm = old.get("normalize_activations")
+    new["normalize_activations"] = ("none" if not norm else "expected_average_only_in"
+                                    if norm is True else norm)
+    hook = old.get("hook_name") or ""
+    new.setdefault("reshape_activations", "hook_z" if "hook_z" in hook else "none")
+    new["metadata"] = {**(old.get("metadata") or {}), "hook_name": hook or None}
+    return new
+
+
+# What each importable architecture's folder must hold
+REQUIRED = {"standard": {"W_enc", "b_enc", "W_dec", "b_dec"},
+            "topk": {"W_enc", "b_enc", "W_dec", "b_dec", "k"},
+            "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+            "gated": {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"}}
+
+
+def first_lines(err: Exception, n: int = 3) -> str:
+    """The first lines of an error (load_state_dict puts what differs on the second)."""
+    return " ".join(line.strip() for line in str(err).splitlines()[:n])[:600]
+
+
 def import_saelens(record: dict, weights: State, source: str) -> SAE:
     """A posae SAE computing the same codes and reconstruction as the SAELens SAE of
     cfg.json `record` and `weights` (sae-lens names) from `source` (named in errors).
 
     Folded: apply_b_dec_to_input=false (Gemma Scope) as b_enc += b_dec·W_enc (and the gated
     magnitude bias by exp(r_mag)); TopK's rescale_acts_by_decoder_norm into W_enc, b_enc and
-    W_dec. Refused: a normalize_activations other than none, hook_z SAEs, negative JumpReLU
-    thresholds (sae-lens ReLUs before the gate, posae does not)."""
+    W_dec; a pre-6.0 cfg.json read as sae-lens reads it (`upgrade_pre_6`); negative JumpReLU
+    thresholds as 0 (sae-lens ReLUs before its gate, so θ < 0 acts as θ = 0). Refused: a
+    normalize_activations other than none, hook_z SAEs, a finetuning scaling factor that is
+    not all ones, missing weights or fields."""
+    if is_pre_6(record):
+        record = upgrade_pre_6(record)
     arch = record.get("architecture")
     if arch not in IMPORTABLE:
         raise ConfigError(f"{source}: sae-lens architecture {arch!r} cannot be imported; "
@@ -209,6 +254,13 @@ def import_saelens(record: dict, weights: State, source: str) -> SAE:
                           f"the weights (only 'none' is read); fold it with sae-lens first "
                           f"(e.g. fold_activation_norm_scaling_factor) and save again")
     w = {k: v.detach().float().cpu().clone() for k, v in weights.items()}
+    scaling = w.pop("scaling_factor", None)
+    if scaling is not None and not bool((scaling == 1).all()):
+        raise ConfigError(f"{source}: a finetuning scaling_factor other than ones; posae "
+                          f"does not read it")
+    if missing := sorted(REQUIRED[arch] - set(w) - set(record)):  # weights, or k in cfg.json
+        raise ConfigError(f"{source}: a sae-lens {arch} SAE needs {', '.join(missing)}, "
+                          f"which it lacks")
     b_gate_name = "b_gate" if arch == "gated" else "b_enc"
     if not record.get("apply_b_dec_to_input", True):
         shift = w["b_dec"] @ w["W_enc"]
@@ -221,11 +273,7 @@ def import_saelens(record: dict, weights: State, source: str) -> SAE:
         w["b_enc"] *= norms
         w["W_dec"] /= norms[:, None]
     if arch == "jumprelu":
-        if bool((w["threshold"] < 0).any()):
-            raise ConfigError(f"{source}: negative JumpReLU thresholds; sae-lens applies ReLU "
-                              f"before its gate, posae's JumpReLU does not, so the codes "
-                              f"would differ")
-        w["log_threshold"] = w.pop("threshold").log()
+        w["log_threshold"] = w.pop("threshold").clamp_min(0).log()
     if arch == "gated":
         w["b_enc"] = w.pop("b_gate")
     cls, config_cls = IMPORTABLE[arch]
@@ -237,7 +285,7 @@ def import_saelens(record: dict, weights: State, source: str) -> SAE:
         sae.load_state_dict(w)
     except RuntimeError as err:
         raise ConfigError(f"{source}: its weights are not a sae-lens {arch} SAE's of the "
-                          f"shapes cfg.json gives ({str(err).splitlines()[0][:300]})") from None
+                          f"shapes cfg.json gives ({first_lines(err)})") from None
     return sae.eval()
 
 
