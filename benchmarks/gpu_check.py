@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # posae from this checkout, installed or not
 BF16_VARIANTS = ["relu", "topk", "atr", "hierarchical"]
 FP32_VARIANTS = ["relu", "topk"]
 # the real architecture, and a toy one for the dry run
@@ -38,14 +40,14 @@ SIZES = {
                  vocab=256000, layer=12, width=16384, n_tokens=1_000_000, train_tokens=2_000_000,
                  batch_tokens=4096, bpe_vocab=4096),
     "tiny": dict(d=64, n_layers=4, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=1024,
-                 layer=2, width=256, n_tokens=16384, train_tokens=4096, batch_tokens=512,
+                 layer=2, width=256, n_tokens=16384, train_tokens=8192, batch_tokens=1024,
                  bpe_vocab=1024),
 }
 
 
 def train_tokenizer(vocab: int):
-    """A byte-level BPE tokenizer with <bos>, <eos> and <pad>, trained on the stdlib's
-    docstrings (seconds)."""
+    """A byte-level BPE tokenizer with <bos>, <eos> and <pad>, trained on the first
+    docstrings of the stdlib (seconds)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,7 +58,7 @@ def train_tokenizer(vocab: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<bos>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(iter_stdlib_docstrings(), trainer)
+    tokenizer.train_from_iterator(itertools.islice(iter_stdlib_docstrings(), 3000), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>",
                                    eos_token="<eos>", pad_token="<pad>")
 
@@ -129,7 +131,7 @@ def main() -> None:
         build_model(model_dir, size, device)
     common = ["model=gemma-2-2b", "model.name=gemma2_random", f"model.hf_id={model_dir}",
               f"model.n_layers={size['n_layers']}", f"model.d_model={size['d']}",
-              f"layer={size['layer']}", "context_size=128", f"n_tokens={size['n_tokens']}",
+              "context_size=128", f"n_tokens={size['n_tokens']}",
               f"cache.root={args.out / 'cache'}", "cache.dtype=bfloat16",
               f"cache.device={device.type}"]
     python = [sys.executable, "-m"]
@@ -138,7 +140,8 @@ def main() -> None:
     launcher = python if args.cpu else [sys.executable, "-m", "accelerate.commands.launch",
                                         "--num_processes", "1", "--mixed_precision", "bf16",
                                         "-m"]
-    train = [*common, "eval.enabled=false", f"trainer.n_tokens={size['train_tokens']}",
+    train = [*common, f"layer={size['layer']}", "eval.enabled=false",
+             f"trainer.n_tokens={size['train_tokens']}",
              f"trainer.batch_tokens={size['batch_tokens']}", f"variant.width={size['width']}",
              "trainer.checkpoint_every=100000", f"trainer.cpu={str(args.cpu).lower()}",
              "resume=auto"]
@@ -156,16 +159,17 @@ def report(out: Path, size: dict, device: torch.device, tolerance: float) -> Non
     print(f"\nGemma-2 architecture ({size['n_layers']} blocks, d {size['d']}), layer "
           f"{size['layer']}, width {size['width']}, {size['batch_tokens']}-token batches, "
           f"{device}; bf16 matmul roofline {roofline:,.0f} tok/s")
+    memory = "peak GPU GiB" if device.type == "cuda" else "peak RSS GiB"
     print(f"{'variant':<14}{'precision':<10}{'tok/s':>12}{'x roofline':>12}"
-          f"{'peak GPU GiB':>14}{'held-out EV':>13}{'L0':>8}")
+          f"{memory:>14}{'held-out EV':>13}{'L0':>8}")
     failures = []
     for precision, runs in (("bf16", bf16), ("fp32", fp32)):
         for variant, summary in runs.items():
             speed = summary["tokens"] / summary["train_seconds"]
-            gpu = (summary.get("peak_memory") or {}).get("gpu_bytes")
+            peak = summary["peak_memory"]["gpu_bytes" if device.type == "cuda" else "rss_bytes"]
             ev, l0 = summary["held_out"]["explained_variance"], summary["held_out"]["l0"]
             print(f"{variant:<14}{precision:<10}{speed:>12,.0f}{speed / roofline:>12.2f}"
-                  f"{gpu / 2**30 if gpu else float('nan'):>14.2f}{ev:>13.4f}{l0:>8.1f}")
+                  f"{peak / 2**30:>14.2f}{ev:>13.4f}{l0:>8.1f}")
             stats = [ev, l0, *summary["final_train_stats"].values()]
             if not all(math.isfinite(v) for v in stats if isinstance(v, (int, float))):
                 failures.append(f"{variant} ({precision}): a non-finite number")
