@@ -12,7 +12,7 @@ from posae.losses.base import LinearWarmup, StepContext
 from posae.losses.reconstruction import MSE
 from posae.losses.sparsity import L1
 from posae.sae import REGISTRY, build_sae, load_sae, save_sae
-from posae.sae.topk import sparse_decode
+from posae.sae.sparse import sparse_decode
 from posae.training.batches import Batch
 
 D_IN, D_SAE = 16, 64

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from posae.losses.base import LossTerm
-from posae.sae.topk import sparse_decode
+from posae.sae.sparse import sparse_decode
 
 
 class AuxK(LossTerm):

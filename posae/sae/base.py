@@ -17,14 +17,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-
-def centred_affine(x: Tensor, b: Tensor, W: Tensor, c: Tensor) -> Tensor:
-    """(x - b) @ W + c, computed as x @ W + (c - b @ W).
-
-    Same value, but the gradient of b then costs a vector-matrix product instead of a
-    [tokens, d] x [d, d_sae] matmul for the gradient of (x - b): one training matmul fewer.
-    """
-    return x @ W + (c - b @ W)
+from posae.sae.sparse import centred_affine, linear_decode
 
 
 def per_position(table: Tensor, pos: Tensor) -> Tensor:
@@ -139,8 +132,9 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, f: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
-        """x̂ = f W_dec + b_dec; `extras` from `encode_with_pre` may offer a cheaper way."""
-        return f @ self.W_dec + self.b_dec
+        """x̂ = f W_dec + b_dec, from f's non-zero entries when they are few
+        (posae.sae.sparse); `extras` from `encode_with_pre` may offer a cheaper way."""
+        return linear_decode(f, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, pos: Tensor | None = None,
                 mask: Tensor | None = None) -> SAEOutput:
@@ -158,7 +152,8 @@ class SAE(nn.Module):
                              f"positions: pass pos")
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        """(x - b_dec) W_enc + b_enc, the shared encoder."""
+        """(x - b_dec) W_enc + b_enc, the shared encoder (its weight gradient sparse-aware:
+        posae.sae.sparse.CentredAffine)."""
         return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)
 
     def leaves_parameters_unused(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from posae.sae.base import SAE
+from posae.sae.sparse import linear_decode
 
 
 class GatedSAE(SAE):
@@ -37,5 +38,6 @@ class GatedSAE(SAE):
         gate_codes = torch.relu(pre)
         extras = {"l1_codes": gate_codes}
         if self.training:
-            extras["aux_x_hat"] = gate_codes @ self.W_dec.detach() + self.b_dec.detach()
+            aux = linear_decode(gate_codes, self.W_dec.detach())
+            extras["aux_x_hat"] = aux + self.b_dec.detach()
         return self.gated_codes(pre), pre, extras

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from posae.sae.base import SAE, SAEConfig
+from posae.sae.sparse import linear_decode
 
 
 @dataclass
@@ -84,4 +85,14 @@ class JumpReLUSAE(SAE):
         pre = self.pre_activations(x)
         threshold, bandwidth = self.threshold, self.cfg.bandwidth
         f = _JumpReLU.apply(pre, threshold, bandwidth)
-        return f, pre, {"l0": _Step.apply(pre, threshold, bandwidth).sum(-1)}
+        extras = {"l0": _Step.apply(pre, threshold, bandwidth).sum(-1)}
+        if self.training:  # where the STE reads ∂L/∂f although f = 0 (eq. 11)
+            extras["ste_window"] = _rectangle((pre - threshold) / bandwidth).bool()
+        return f, pre, extras
+
+    def decode(self, f, extras=None):
+        """x̂ from f's non-zero entries and, in training, the zeros the STE reads."""
+        support = None
+        if extras and "ste_window" in extras:
+            support = extras["ste_window"] | (f != 0)
+        return linear_decode(f, self.W_dec, support) + self.b_dec

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from posae.config import ConfigError
-from posae.sae.topk import BatchTopKSAE, TopKConfig, bag_sums
+from posae.sae.sparse import bag_sums
+from posae.sae.topk import BatchTopKSAE, TopKConfig
 
 
 @dataclass

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from posae.config import ConfigError
 from posae.sae.base import SAE, SAEConfig
+from posae.sae.sparse import bag_sums, sparse_decode
 
 
 @dataclass
@@ -23,24 +23,6 @@ class TopKConfig(SAEConfig):
     def validate(self) -> None:
         if not 1 <= self.k <= self.d_sae:
             raise ConfigError(f"variant.k: must be in 1..{self.d_sae} (the width), got {self.k}")
-
-
-def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
-    """Σ_j values[..., j] * W_dec[indices[..., j]] for [..., k] indices and values."""
-    lead = indices.shape[:-1]
-    out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), W_dec,
-                          per_sample_weights=values.reshape(-1, values.shape[-1]).to(W_dec.dtype),
-                          mode="sum")
-    return out.reshape(*lead, W_dec.shape[1])
-
-
-def bag_sums(bags: Tensor, latents: Tensor, values: Tensor, n_bags: int, W_dec: Tensor) -> Tensor:
-    """[n_bags, d]: per bag, Σ values · W_dec[latents] over the (bag, latent, value) triples
-    in it, one `embedding_bag` (k · d work per token, not a dense decode)."""
-    order = (bags * W_dec.shape[0] + latents).argsort()  # each bag's triples contiguous
-    counts = torch.bincount(bags, minlength=n_bags)
-    return F.embedding_bag(latents[order], W_dec, counts.cumsum(0) - counts, mode="sum",
-                           per_sample_weights=values[order].to(W_dec.dtype))
 
 
 class TopKSAE(SAE):

@@ -1,0 +1,69 @@
+"""Sparse steps (posae.sae.sparse): the sparse decode and the sparse encoder weight
+gradient give what the dense matmuls give, for every architecture, to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sae import inputs, make
+
+from posae.sae import REGISTRY, sparse
+from posae.sae.sparse import centred_affine, linear_decode
+
+
+def grads_of(name: str, sparse_below: float, monkeypatch) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of MSE + L1 (+ the gated auxiliary) after one forward
+    and backward in training mode, with the sparse path always (1.0) or never (0.0)."""
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", sparse_below)
+    sae = make(name)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        if hasattr(sae, "b_enc"):
+            sae.b_enc.sub_(0.3)  # codes mostly off, as in training at low L0
+    sae.train()
+    x, pos, mask = inputs()
+    out = sae(x, pos, mask)
+    loss = (out.x_hat - x).pow(2).sum() + 0.1 * out.f.abs().sum()
+    if "aux_x_hat" in out.extras:
+        loss = loss + (out.extras["aux_x_hat"] - x).pow(2).sum()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_sparse_and_dense_steps_give_the_same_gradients(name, monkeypatch):
+    dense = grads_of(name, 0.0, monkeypatch)
+    sparse_grads = grads_of(name, 1.0, monkeypatch)
+    assert dense.keys() == sparse_grads.keys() and dense
+    for key, value in dense.items():
+        torch.testing.assert_close(sparse_grads[key], value, rtol=1e-4, atol=1e-5,
+                                   msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5])
+def test_the_encoder_weight_gradient_equals_the_dense_one(density, monkeypatch):
+    """A loss that reads a few pre-activations (as TopK's does): ∂/∂W, ∂/∂b, ∂/∂c and ∂/∂x
+    from the sparse path, and from the dense one, equal plain autograd's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    b, W, c = (torch.randn(12, requires_grad=True), torch.randn(12, 40, requires_grad=True),
+               torch.randn(40, requires_grad=True))
+    weights = torch.randn(2, 7, 40) * (torch.rand(2, 7, 40) < density)
+    reference = torch.autograd.grad(((x - b) @ W + c).mul(weights).sum(), (x, b, W, c))
+    for sparse_below in (0.0, 1.0):
+        monkeypatch.setattr(sparse, "SPARSE_BELOW", sparse_below)
+        got = torch.autograd.grad(centred_affine(x, b, W, c).mul(weights).sum(), (x, b, W, c))
+        for ours, theirs in zip(got, reference):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_sparse_decode_chooses_by_density_and_equals_the_matmul(monkeypatch):
+    torch.manual_seed(0)
+    W = torch.randn(50, 8, requires_grad=True)
+    f = torch.relu(torch.randn(3, 4, 50) - 2)  # about 2 % non-zero
+    assert sparse.is_sparse(f) and not sparse.is_sparse(torch.relu(torch.randn(3, 50)))
+    torch.testing.assert_close(linear_decode(f, W), f @ W, rtol=1e-5, atol=1e-5)
+    (g_sparse,) = torch.autograd.grad(linear_decode(f, W).sum(), W)
+    (g_dense,) = torch.autograd.grad((f @ W).sum(), W)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-5, atol=1e-5)
