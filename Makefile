@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # A cluster's own torch is kept. Override: make install TORCH='torch==2.5.1'.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test run matched bench-cache bench-train bench-gpu
+.PHONY: install test run matched bench-cache bench-train bench-gpu bench-memory
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -27,6 +27,9 @@ bench-cache:
 
 bench-train:  # every variant vs relu and the roofline
 	$(PYTHON) benchmarks/bench_train.py
+
+bench-memory:  # peak RSS and tokens/s at d 2304, widths 16384 and 65536; GPU estimate
+	$(PYTHON) benchmarks/bench_memory.py
 
 bench-gpu:  # one GPU, offline, under 8 minutes (benchmarks/gpu_check.py)
 	PYTHON=$(PYTHON) benchmarks/gpu_check.sh
