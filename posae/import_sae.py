@@ -104,7 +104,7 @@ def main(cfg: DictConfig) -> None:
                   trainer.train_on_special_tokens, "held_out_split": split_fingerprint(eval_ids),
                   "imported_from": origin}
     save_sae(sae, run_dir / "sae", provenance)
-    (run_dir / "sae" / "imported_cfg.json").write_text(json.dumps(record, indent=1))
+    (run_dir / "sae" / "imported_cfg.json").write_text(json.dumps(record, indent=1, default=str))
     log.info("imported %s (%s, %d latents) into %s", origin, sae.cfg.name, sae.cfg.d_sae,
              run_dir)
     if ecfg.enabled:
