@@ -13,12 +13,15 @@ from posae.sae.sparse import centred_affine, linear_decode
 
 def grads_of(name: str, sparse_below: float, monkeypatch) -> dict[str, torch.Tensor]:
     """Every parameter's gradient of MSE + L1 (+ the gated auxiliary) after one forward
-    and backward in training mode, with the sparse path always (1.0) or never (0.0)."""
+    and backward in training mode, with the sparse path always (1.0) or never (0.0), and
+    every buffer after it (statistics hooks record from the gradients). Parameters that
+    start at zero stay there (the hierarchical routing's output), as in training."""
     monkeypatch.setattr(sparse, "SPARSE_BELOW", sparse_below)
     sae = make(name)
     with torch.no_grad():
         for p in sae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            if p.abs().sum() > 0:
+                p.add_(0.05 * torch.randn_like(p))
         if hasattr(sae, "b_enc"):
             sae.b_enc.sub_(0.3)  # codes mostly off, as in training at low L0
     sae.train()
@@ -28,7 +31,8 @@ def grads_of(name: str, sparse_below: float, monkeypatch) -> dict[str, torch.Ten
     if "aux_x_hat" in out.extras:
         loss = loss + (out.extras["aux_x_hat"] - x).pow(2).sum()
     loss.backward()
-    return {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    return {**{n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None},
+            **{f"buffer {n}": b.clone() for n, b in sae.named_buffers()}}
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -56,6 +60,26 @@ def test_the_encoder_weight_gradient_equals_the_dense_one(density, monkeypatch):
         got = torch.autograd.grad(centred_affine(x, b, W, c).mul(weights).sum(), (x, b, W, c))
         for ours, theirs in zip(got, reference):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_under_bf16_autocast_the_encoder_gradient_is_computed_in_bf16_both_ways(monkeypatch):
+    """The backward's matmuls run in autocast's dtype, as autograd's own would: the sparse
+    and dense paths agree to bf16 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 12)
+    W = torch.randn(12, 40, requires_grad=True)
+    b, c = torch.zeros(12, requires_grad=True), torch.zeros(40, requires_grad=True)
+    weights = torch.randn(64, 40) * (torch.rand(64, 40) < 0.03)
+    grads = []
+    for sparse_below in (0.0, 1.0):
+        monkeypatch.setattr(sparse, "SPARSE_BELOW", sparse_below)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pre = centred_affine(x, b, W, c)
+        (grad,) = torch.autograd.grad(pre.float().mul(weights).sum(), W)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-2)
+    (exact,) = torch.autograd.grad(((x - b) @ W + c).mul(weights).sum(), W)
+    torch.testing.assert_close(grads[1], exact, rtol=5e-2, atol=5e-2)
 
 
 def test_the_sparse_decode_chooses_by_density_and_equals_the_matmul(monkeypatch):

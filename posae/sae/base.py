@@ -103,6 +103,10 @@ class SAE(nn.Module):
     needs_positions: ClassVar[bool] = False
     # Has its own encoder (W_enc, b_enc) that dead-latent resampling can rewrite.
     resamplable: ClassVar[bool] = True
+    # The default decode may read f's non-zero entries alone (posae.sae.sparse): true only
+    # where no parameter, hook or statistic reads ∂L/∂f at f = 0 (docs/ARCHITECTURE.md,
+    # "Sparse steps"); a new architecture decodes densely until it says so.
+    decodes_sparsely: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -132,9 +136,12 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, f: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
-        """x̂ = f W_dec + b_dec, from f's non-zero entries when they are few
-        (posae.sae.sparse); `extras` from `encode_with_pre` may offer a cheaper way."""
-        return linear_decode(f, self.W_dec) + self.b_dec
+        """x̂ = f W_dec + b_dec, from f's non-zero entries when they are few and the
+        architecture `decodes_sparsely`; `extras` from `encode_with_pre` may offer a
+        cheaper way."""
+        if self.decodes_sparsely:
+            return linear_decode(f, self.W_dec) + self.b_dec
+        return f @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor, pos: Tensor | None = None,
                 mask: Tensor | None = None) -> SAEOutput:

@@ -22,6 +22,7 @@ from posae.sae.sparse import linear_decode
 
 class GatedSAE(SAE):
     provides = frozenset({"l1_codes", "aux_x_hat"})
+    decodes_sparsely = True  # f = 0 where the gate is shut or the magnitude ReLU is
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -44,6 +44,7 @@ def causal_means(x: Tensor, mask: Tensor, scale: int) -> Tensor:
 
 class MultiScaleSAE(SAE):
     config_class = MultiScaleConfig
+    decodes_sparsely = True  # ReLU codes
 
     def scale_pre_activations(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """Each latent group's pre-activations on the causal mean of its scale."""

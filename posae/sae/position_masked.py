@@ -40,6 +40,7 @@ class PositionMaskedConfig(PositionalConfig):
 
 
 class PositionMaskedSAE(SAE):
+    decodes_sparsely = True  # ReLU codes times a fixed mask
     config_class = PositionMaskedConfig
     needs_positions = True
 
@@ -80,6 +81,7 @@ class RangeEncoderConfig(PositionalConfig):
 
 class RangeEncoderSAE(SAE):
     config_class = RangeEncoderConfig
+    decodes_sparsely = True  # ReLU codes
     needs_positions = True
 
     def __init__(self, cfg: RangeEncoderConfig):

@@ -8,6 +8,7 @@ from posae.sae.base import SAE
 
 
 class ReLUSAE(SAE):
+    decodes_sparsely = True  # ∂f/∂pre = 0 where f = 0
     def encode_with_pre(self, x, pos, mask):
         pre = self.pre_activations(x)
         return torch.relu(pre), pre, {}

@@ -60,24 +60,31 @@ class CentredAffine(torch.autograd.Function):
     Backward: g = ∂L/∂pre is zero wherever a latent is off and no loss term reads its
     pre-activation, so ∂L/∂W = (x - b)ᵀ g is summed over g's non-zero entries when they are
     few (d·nnz work, not a [d, tokens] x [tokens, m] matmul); ∂L/∂c = Σ_t g_t and
-    ∂L/∂b = -W Σ_t g_t cost a vector each.
+    ∂L/∂b = -W Σ_t g_t cost a vector each. Under autocast the matmuls run in autocast's
+    dtype, as autograd's own backward of x @ W would.
     """
 
     @staticmethod
     def forward(ctx, x, b, W, c):
         ctx.save_for_backward(x, b, W)
+        device = x.device.type
+        # the backward's matmuls run in the precision autocast gave the forward's
+        ctx.matmul_dtype = (torch.get_autocast_dtype(device)
+                            if torch.is_autocast_enabled(device) else W.dtype)
         return x @ W + (c - b @ W)
 
     @staticmethod
     def backward(ctx, g):
-        x, b, W = (t.to(g.dtype) for t in ctx.saved_tensors)  # autocast's precision
+        x, b, W = ctx.saved_tensors
         flat = g.reshape(-1, g.shape[-1])
         column_sums = flat.sum(0)
-        grad_x = g @ W.t() if ctx.needs_input_grad[0] else None
-        grad_b = -(W @ column_sums) if ctx.needs_input_grad[1] else None
+        grad_b = -(W @ column_sums.to(W.dtype)) if ctx.needs_input_grad[1] else None
+        dtype = ctx.matmul_dtype
+        flat, W_ = flat.to(dtype), W.to(dtype)
+        grad_x = (flat @ W_.t()).reshape(x.shape) if ctx.needs_input_grad[0] else None
         grad_W = None
         if ctx.needs_input_grad[2]:
-            centred = (x - b).reshape(-1, x.shape[-1])
+            centred = (x.to(dtype) - b.to(dtype)).reshape(-1, x.shape[-1])
             if is_sparse(flat):
                 tokens, latents = flat.nonzero().unbind(1)
                 grad_W = bag_sums(latents, tokens, flat[tokens, latents], flat.shape[1],
