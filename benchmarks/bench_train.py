@@ -30,6 +30,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import compose_config  # noqa: E402
+from roofline import matmul_flops  # noqa: E402
 
 from posae.config import CONF_DIR, cache_request, optim_config, trainer_config  # noqa: E402
 from posae.data.cache_format import CacheSpec  # noqa: E402
@@ -44,17 +45,6 @@ from posae.training.trainer import Trainer  # noqa: E402
 # Timed in steady state: the curriculum's adapters switched on from the first step.
 STEADY_STATE = {"curriculum": ["variant.curriculum_delay=0"]}
 VARIANTS = sorted(p.stem for p in (CONF_DIR / "variant").glob("*.yaml"))
-
-
-def matmul_flops(n: int, d: int, m: int, repeats: int = 20) -> float:
-    """fp32 FLOP/s of [n, d] @ [d, m], the shape of the encoder forward."""
-    a, b = torch.randn(n, d), torch.randn(d, m)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n * d * m * repeats / (time.perf_counter() - start)
 
 
 @torch.no_grad()

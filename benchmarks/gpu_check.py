@@ -25,13 +25,14 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # posae from this checkout, installed or not
+from roofline import matmul_flops  # noqa: E402  (benchmarks/, beside this script)
+
 BF16_VARIANTS = ["relu", "topk", "atr", "hierarchical"]
 FP32_VARIANTS = ["relu", "topk"]
 # the real architecture, and a toy one for the dry run
@@ -90,24 +91,6 @@ def posae(*args: str, launcher: list[str]) -> None:
         sys.exit(f"FAILED: {' '.join(args[:3])} exited {result.returncode}")
 
 
-def matmul_roofline(size: dict, device: torch.device) -> float:
-    """Tokens/s of a step made of 5 dense [B, d] x [d, m] matmuls at the bf16 throughput
-    measured on `device` now."""
-    n, d, m = size["batch_tokens"], size["d"], size["width"]
-    a = torch.randn(n, d, device=device, dtype=torch.bfloat16)
-    b = torch.randn(d, m, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    repeats, start = 20, time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync()
-    flops = 2 * n * d * m * repeats / (time.perf_counter() - start)
-    return flops / (5 * 2 * d * m)
-
-
 def summaries(sweep: Path, variants: list[str]) -> dict[str, dict]:
     return {v: json.loads((sweep / str(job) / "train_summary.json").read_text())
             for job, v in enumerate(variants)}
@@ -154,7 +137,9 @@ def main() -> None:
 
 def report(out: Path, size: dict, device: torch.device, tolerance: float) -> None:
     """The table, and the failures: non-finite numbers, bf16 drift beyond `tolerance`."""
-    roofline = matmul_roofline(size, device)
+    # a step made of its 5 dense [B, d] x [d, m] matmuls, at the bf16 throughput measured now
+    d, m = size["d"], size["width"]
+    roofline = matmul_flops(size["batch_tokens"], d, m, torch.bfloat16, device) / (5 * 2 * d * m)
     bf16, fp32 = summaries(out / "bf16", BF16_VARIANTS), summaries(out / "no", FP32_VARIANTS)
     print(f"\nGemma-2 architecture ({size['n_layers']} blocks, d {size['d']}), layer "
           f"{size['layer']}, width {size['width']}, {size['batch_tokens']}-token batches, "
