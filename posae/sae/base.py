@@ -11,13 +11,13 @@ position-agnostic architectures. How to add one: docs/ARCHITECTURE.md, "Adding a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from posae.sae.sparse import centred_affine, linear_decode
+from posae.sae.sparse import SparseCodes, centred_affine, linear_decode, selected_pre_activations
 
 
 def per_position(table: Tensor, pos: Tensor) -> Tensor:
@@ -73,12 +73,23 @@ def position_range(pos: Tensor, n_ranges: int, context_size: int) -> Tensor:
     return (pos * n_ranges // context_size).clamp(0, n_ranges - 1)
 
 
-@dataclass
 class SAEOutput:
-    x_hat: Tensor
-    f: Tensor
-    pre: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    """What `SAE.forward` returns: x_hat, the codes f, the encoder's pre-activations and
+    the extras loss terms read. f may arrive as `SparseCodes` (TopK-family training): then
+    `sparse_codes` holds them and the dense f is built on first read."""
+
+    def __init__(self, x_hat: Tensor, f: Tensor | SparseCodes, pre: Tensor,
+                 extras: dict[str, Tensor] | None = None):
+        self.x_hat, self.pre = x_hat, pre
+        self.extras = {} if extras is None else extras
+        self.sparse_codes = f if isinstance(f, SparseCodes) else None
+        self._f = None if self.sparse_codes is not None else f
+
+    @property
+    def f(self) -> Tensor:
+        if self._f is None:
+            self._f = self.sparse_codes.to_dense()
+        return self._f
 
     @property
     def input_codes(self) -> Tensor:
@@ -87,6 +98,18 @@ class SAEOutput:
         token): what L0, firing and dead latents count, in training (and so the
         matched-sparsity controller) as in evaluation."""
         return self.extras.get("input_codes", self.f)
+
+    def active_codes(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(number of active input codes on the tokens `mask` [B, T] counts, [m] bool: the
+        latent fired on one of them); from `sparse_codes` without building the dense f."""
+        codes = self.sparse_codes
+        if codes is not None and "input_codes" not in self.extras:
+            on = (codes.values.detach() != 0) & mask.reshape(-1)[codes.tokens]
+            fired = torch.zeros(codes.shape[-1], dtype=torch.bool, device=on.device)
+            return torch.count_nonzero(on), fired.index_fill_(0, codes.latents[on], True)
+        active = self.input_codes.detach() != 0
+        active &= mask[..., None]
+        return torch.count_nonzero(active), active.flatten(0, -2).any(0)  # bool .sum() is slow
 
 
 class SAE(nn.Module):
@@ -129,16 +152,17 @@ class SAE(nn.Module):
 
     def encode_with_pre(self, x: Tensor, pos: Tensor | None,
                         mask: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(codes f, encoder pre-activations, extras): the one method an architecture
-        implements. `pos` [B, T] are the true token positions (never None when
-        `needs_positions`), `mask` [B, T] the tokens that count; extras hold what loss terms
-        read (`provides`) and what `decode` may use (a sparse form of f)."""
+        """(codes f, dense or as `SparseCodes`; encoder pre-activations; extras): the one
+        method an architecture implements. `pos` [B, T] are the true token positions
+        (never None when `needs_positions`), `mask` [B, T] the tokens that count; extras
+        hold what loss terms read (`provides`)."""
         raise NotImplementedError
 
-    def decode(self, f: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
-        """x̂ = f W_dec + b_dec, from f's non-zero entries when they are few and the
-        architecture `decodes_sparsely`; `extras` from `encode_with_pre` may offer a
-        cheaper way."""
+    def decode(self, f: Tensor | SparseCodes, extras: dict[str, Tensor] | None = None) -> Tensor:
+        """x̂ = f W_dec + b_dec; from the triples when f is `SparseCodes`, and from f's
+        non-zero entries when they are few and the architecture `decodes_sparsely`."""
+        if isinstance(f, SparseCodes):
+            return f.decode(self.W_dec) + self.b_dec
         if self.decodes_sparsely:
             return linear_decode(f, self.W_dec) + self.b_dec
         return f @ self.W_dec + self.b_dec
@@ -151,7 +175,8 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor, pos: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         self.check_positions(pos)
-        return self.encode_with_pre(x, pos, mask)[0]
+        f = self.encode_with_pre(x, pos, mask)[0]
+        return f.to_dense() if isinstance(f, SparseCodes) else f
 
     def check_positions(self, pos: Tensor | None) -> None:
         if pos is None and self.needs_positions:
@@ -162,6 +187,15 @@ class SAE(nn.Module):
         """(x - b_dec) W_enc + b_enc, the shared encoder (its weight gradient sparse-aware:
         posae.sae.sparse.CentredAffine)."""
         return centred_affine(x, self.b_dec, self.W_enc, self.b_enc)
+
+    def selected_codes(self, x: Tensor, pre: Tensor, tokens: Tensor,
+                       latents: Tensor) -> SparseCodes:
+        """The ReLU'd pre-activations at chosen (token, latent) pairs as `SparseCodes`,
+        differentiable in the encoder through the sparse backward
+        (posae.sae.sparse.SelectedPreActivations): TopK-family codes."""
+        values = selected_pre_activations(x, self.b_dec, self.W_enc, self.b_enc, pre,
+                                          tokens, latents)
+        return SparseCodes(tokens, latents, torch.relu(values), pre.shape)
 
     def leaves_parameters_unused(self) -> bool:
         """Whether some parameter may get no gradient in a step (an idle adapter, a switched

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from posae.config import ConfigError
-from posae.sae.sparse import bag_sums
+from posae.sae.sparse import SparseCodes, bag_sums
 from posae.sae.topk import BatchTopKSAE, TopKConfig
 
 
@@ -56,22 +56,20 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     def decode(self, f, extras=None):
         if extras is None:
             return super().decode(f)
-        partial = self.group_reconstructions(f, extras).cumsum(0) + self.b_dec
+        partial = self.group_reconstructions(f).cumsum(0) + self.b_dec
         extras["prefix_x_hats"] = partial[:-1]
         return partial[-1]
 
-    def group_reconstructions(self, f: Tensor, extras: dict) -> Tensor:
+    def group_reconstructions(self, f: Tensor | SparseCodes) -> Tensor:
         """[n_prefixes, ..., d]: Σ over each group's latents (those of prefix i and not of
-        prefix i-1) of f_j W_dec[j], sparse from BatchTopK's selection when there is one."""
+        prefix i-1) of f_j W_dec[j], sparse from BatchTopK's selection in training."""
         bounds = [0, *self.cfg.prefix_widths]
-        if "selected_tokens" not in extras:
+        if not isinstance(f, SparseCodes):
             return torch.stack([f[..., a:b] @ self.W_dec[a:b]
                                 for a, b in zip(bounds, bounds[1:])])
-        tokens, latents = extras["selected_tokens"], extras["selected_latents"]
-        n_tokens, n_groups = f[..., 0].numel(), len(bounds) - 1
-        group = torch.bucketize(latents, torch.tensor(bounds[1:-1], device=latents.device),
+        n_groups = len(bounds) - 1
+        group = torch.bucketize(f.latents, torch.tensor(bounds[1:-1], device=f.latents.device),
                                 right=True)
-        bags = group * n_tokens + tokens  # one bag per (group, token), groups outermost
-        sums = bag_sums(bags, latents, extras["selected_values"], n_groups * n_tokens,
-                        self.W_dec)
+        bags = group * f.n_tokens + f.tokens  # one bag per (group, token), groups outermost
+        sums = bag_sums(bags, f.latents, f.values, n_groups * f.n_tokens, self.W_dec)
         return sums.view(n_groups, *f.shape[:-1], -1)

@@ -3,12 +3,16 @@
 
 An SAE's codes f and the gradient of its pre-activations are mostly zeros: at L0 32 of
 3072 latents, 1 %. A dense matmul over them costs d·m per token; summing the rows of the
-non-zero entries costs d·nnz. Both functions below choose per call: below `SPARSE_BELOW`
-non-zero entries they take the sparse path (one `embedding_bag`), above it the dense
-matmul. The results are the same to float rounding (tests/test_sparse.py).
+non-zero entries costs d·nnz. `linear_decode` and `CentredAffine`'s backward choose per
+call: below `SPARSE_BELOW` non-zero entries they take the sparse path (one
+`embedding_bag`), above it the dense matmul. TopK-family SAEs hold their codes as
+`SparseCodes` and differentiate them through `SelectedPreActivations`: sparse always.
+The results are the same to float rounding (tests/test_sparse.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,46 +58,125 @@ def linear_decode(f: Tensor, W_dec: Tensor, support: Tensor | None = None) -> Te
     return out.to(torch.promote_types(f.dtype, W_dec.dtype)).reshape(*f.shape[:-1], -1)
 
 
+def _matmul_dtype(W: Tensor) -> torch.dtype:
+    """The precision autocast gives a forward's matmuls, for the backward's."""
+    device = W.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else W.dtype
+
+
+def _encoder_grads(needs: tuple[bool, ...], x: Tensor, b: Tensor, W: Tensor,
+                   dtype: torch.dtype, dense: Tensor | None = None,
+                   triples: tuple[Tensor, Tensor, Tensor] | None = None):
+    """(∂L/∂x, ∂L/∂b, ∂L/∂W, ∂L/∂c) of pre = (x - b) @ W + c, from ∂L/∂pre given either
+    `dense` ([tokens, m]) or as (token, latent, value) `triples`, its non-zero entries.
+
+    ∂L/∂c = Σ_t g_t and ∂L/∂b = -W ∂L/∂c cost a vector each; from triples ∂L/∂W =
+    (x - b)ᵀ g and ∂L/∂x = g Wᵀ are sums over the triples (d · nnz work, not a
+    [d, tokens] x [tokens, m] matmul). Matmuls run in `dtype` (autocast's)."""
+    n_tokens, m = x[..., 0].numel(), W.shape[1]
+    if triples is not None:
+        tokens, latents, values = triples
+        acc = torch.promote_types(values.dtype, torch.float32)  # a bf16 sum drifts
+        column_sums = values.new_zeros(m, dtype=acc).index_add_(0, latents, values.to(acc))
+    else:
+        column_sums = dense.sum(0)
+    grad_b = -(W @ column_sums.to(W.dtype)) if needs[1] else None
+    grad_x = grad_W = None
+    if needs[0]:
+        if triples is not None:
+            grad_x = bag_sums(tokens, latents, values, n_tokens, W.t().to(dtype).contiguous())
+        else:
+            grad_x = dense.to(dtype) @ W.to(dtype).t()
+        grad_x = grad_x.reshape(x.shape)
+    if needs[2]:
+        centred = (x.to(dtype) - b.to(dtype)).reshape(n_tokens, -1)
+        if triples is not None:
+            grad_W = bag_sums(latents, tokens, values, m, centred).t()
+        else:
+            grad_W = centred.t() @ dense.to(dtype)
+    return grad_x, grad_b, grad_W, column_sums if needs[3] else None
+
+
 class CentredAffine(torch.autograd.Function):
-    """(x - b) @ W + c, computed as x @ W + (c - b @ W): the encoder's pre-activations.
+    """(x - b) @ W + c, computed as x @ W + (c - b @ W) with the bias added inside the
+    matmul (`addmm`): the encoder's pre-activations.
 
     Backward: g = ∂L/∂pre is zero wherever a latent is off and no loss term reads its
-    pre-activation, so ∂L/∂W = (x - b)ᵀ g is summed over g's non-zero entries when they are
-    few (d·nnz work, not a [d, tokens] x [tokens, m] matmul); ∂L/∂c = Σ_t g_t and
-    ∂L/∂b = -W Σ_t g_t cost a vector each. Under autocast the matmuls run in autocast's
-    dtype, as autograd's own backward of x @ W would.
+    pre-activation, so when its non-zero entries are few the gradients are sums over them
+    (`_encoder_grads`). Under autocast the matmuls run in autocast's dtype, as autograd's
+    own backward of x @ W would.
     """
 
     @staticmethod
     def forward(ctx, x, b, W, c):
         ctx.save_for_backward(x, b, W)
-        device = x.device.type
-        # the backward's matmuls run in the precision autocast gave the forward's
-        ctx.matmul_dtype = (torch.get_autocast_dtype(device)
-                            if torch.is_autocast_enabled(device) else W.dtype)
-        return x @ W + (c - b @ W)
+        ctx.matmul_dtype = _matmul_dtype(W)
+        pre = torch.addmm(c - b @ W, x.reshape(-1, x.shape[-1]), W)
+        return pre.view(*x.shape[:-1], W.shape[1])
 
     @staticmethod
     def backward(ctx, g):
         x, b, W = ctx.saved_tensors
         flat = g.reshape(-1, g.shape[-1])
-        column_sums = flat.sum(0)
-        grad_b = -(W @ column_sums.to(W.dtype)) if ctx.needs_input_grad[1] else None
-        dtype = ctx.matmul_dtype
-        flat, W_ = flat.to(dtype), W.to(dtype)
-        grad_x = (flat @ W_.t()).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        grad_W = None
-        if ctx.needs_input_grad[2]:
-            centred = (x.to(dtype) - b.to(dtype)).reshape(-1, x.shape[-1])
-            if is_sparse(flat):
-                tokens, latents = flat.nonzero().unbind(1)
-                grad_W = bag_sums(latents, tokens, flat[tokens, latents], flat.shape[1],
-                                  centred).t()
-            else:
-                grad_W = centred.t() @ flat
-        return grad_x, grad_b, grad_W, column_sums if ctx.needs_input_grad[3] else None
+        if is_sparse(flat):
+            tokens, latents = flat.nonzero().unbind(1)
+            return _encoder_grads(ctx.needs_input_grad, x, b, W, ctx.matmul_dtype,
+                                  triples=(tokens, latents, flat[tokens, latents]))
+        return _encoder_grads(ctx.needs_input_grad, x, b, W, ctx.matmul_dtype, dense=flat)
 
 
 def centred_affine(x: Tensor, b: Tensor, W: Tensor, c: Tensor) -> Tensor:
     """(x - b) @ W + c with the sparse-aware backward (`CentredAffine`)."""
     return CentredAffine.apply(x, b, W, c)
+
+
+class SelectedPreActivations(torch.autograd.Function):
+    """pre[token, latent] for chosen (token, latent) pairs, differentiable in the encoder's
+    x, b, W and c directly: its backward is the sums over the pairs (`_encoder_grads`),
+    k · d work per token, with no dense [tokens, m] gradient. `pre` is the forward's
+    (x - b) @ W + c, already computed (it is what the pairs were chosen from)."""
+
+    @staticmethod
+    def forward(ctx, x, b, W, c, pre, tokens, latents):
+        ctx.save_for_backward(x, b, W, tokens, latents)
+        ctx.matmul_dtype = _matmul_dtype(W)
+        return pre.reshape(-1, pre.shape[-1])[tokens, latents]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, b, W, tokens, latents = ctx.saved_tensors
+        grads = _encoder_grads(ctx.needs_input_grad, x, b, W, ctx.matmul_dtype,
+                               triples=(tokens, latents, g))
+        return (*grads, None, None, None)
+
+
+def selected_pre_activations(x: Tensor, b: Tensor, W: Tensor, c: Tensor, pre: Tensor,
+                             tokens: Tensor, latents: Tensor) -> Tensor:
+    """[pairs]: pre[tokens, latents] (pre flattened to [tokens, m]) with the sparse
+    backward of `SelectedPreActivations`; TopK-family codes are these, ReLU'd."""
+    return SelectedPreActivations.apply(x, b, W, c, pre.detach(), tokens, latents)
+
+
+@dataclass
+class SparseCodes:
+    """Codes [..., m] held as their (token, latent, value) triples, tokens indexing the
+    codes flattened to [tokens, m]: what TopK-family SAEs produce in training. The dense
+    tensor is built only when something reads `SAEOutput.f`."""
+
+    tokens: Tensor
+    latents: Tensor
+    values: Tensor
+    shape: torch.Size
+
+    @property
+    def n_tokens(self) -> int:
+        return self.shape[:-1].numel()
+
+    def to_dense(self) -> Tensor:
+        flat = self.values.new_zeros(self.n_tokens, self.shape[-1])
+        return flat.index_put((self.tokens, self.latents), self.values).view(self.shape)
+
+    def decode(self, W_dec: Tensor) -> Tensor:
+        """codes @ W_dec from the triples (k · d work per token, forward and backward)."""
+        out = bag_sums(self.tokens, self.latents, self.values, self.n_tokens, W_dec)
+        return out.view(*self.shape[:-1], W_dec.shape[1])

@@ -1,7 +1,9 @@
-"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAEs, with sparse decoding.
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAEs, sparse end to end.
 
-The decoder never costs a dense [tokens, d_sae] x [d_sae, d] matmul: the k active latents
-of each token are gathered and summed (`embedding_bag`), k * d work per token.
+Only the encoder's forward matmul is dense. The codes are `SparseCodes`, the selected
+(token, latent, value) triples, so the decoder forward, its backward and the encoder's
+backward each cost k · d per token (posae.sae.sparse, docs/ARCHITECTURE.md "Sparse
+steps"); the dense codes are built only when a loss term or a hook reads them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from torch import Tensor
 
 from posae.config import ConfigError
 from posae.sae.base import SAE, SAEConfig
-from posae.sae.sparse import bag_sums, sparse_decode
 
 
 @dataclass
@@ -29,18 +30,11 @@ class TopKSAE(SAE):
     config_class = TopKConfig
 
     def encode_with_pre(self, x, pos, mask):
-        """Each token's k largest pre-activations, ReLU'd; extras hold them sparse."""
+        """Each token's k largest pre-activations, ReLU'd, as `SparseCodes`."""
         pre = self.pre_activations(x)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        values = torch.relu(values)
-        f = torch.zeros_like(pre).scatter(-1, indices, values)
-        return f, pre, {"topk_indices": indices, "topk_values": values}
-
-    def decode(self, f, extras=None):
-        if extras and "topk_indices" in extras:
-            return sparse_decode(extras["topk_indices"], extras["topk_values"],
-                                 self.W_dec) + self.b_dec
-        return super().decode(f)
+        latents = pre.detach().topk(self.cfg.k, dim=-1, sorted=False).indices.reshape(-1)
+        tokens = torch.arange(pre[..., 0].numel(), device=pre.device)
+        return self.selected_codes(x, pre, tokens.repeat_interleave(self.cfg.k), latents), pre, {}
 
 
 class BatchTopKSAE(SAE):
@@ -51,7 +45,7 @@ class BatchTopKSAE(SAE):
     Training selects in two stages, exactly: each token's `candidates_per_k` x k largest
     activations, then the batch's top k x tokens among those; when some token has more
     candidates at or above the selected minimum than it contributed, the full search
-    runs instead. The decoder is sparse, as TopK's.
+    runs instead. Codes, decoder and encoder backward are sparse, as TopK's.
     """
 
     config_class = TopKConfig
@@ -62,9 +56,11 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_batches", torch.tensor(0, dtype=torch.long))
 
-    def batch_select(self, pre: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(token, latent, value) of the batch's k x tokens largest ReLU'd pre-activations,
-        tokens indexing pre flattened to [tokens, d_sae]; masked tokens never selected."""
+    @torch.no_grad()
+    def batch_select(self, pre: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(token, latent) of the batch's k x tokens largest ReLU'd pre-activations that
+        are positive, tokens indexing pre flattened to [tokens, d_sae]; masked tokens never
+        selected."""
         acts = torch.relu(pre).reshape(-1, pre.shape[-1])
         if mask is not None:
             acts = acts * mask.reshape(-1, 1).to(acts.dtype)
@@ -77,29 +73,20 @@ class BatchTopKSAE(SAE):
         incomplete = (smallest_candidate >= chosen.values.min()) & (smallest_candidate > 0)
         if per_token < acts.shape[1] and bool(incomplete.any()):
             chosen = acts.flatten().topk(budget, sorted=False)
-            return chosen.indices // acts.shape[1], chosen.indices % acts.shape[1], chosen.values
-        return chosen.indices // per_token, latents.flatten()[chosen.indices], chosen.values
+            flat = chosen.indices[chosen.values > 0]
+            return flat // acts.shape[1], flat % acts.shape[1]
+        flat = chosen.indices[chosen.values > 0]
+        return flat // per_token, latents.flatten()[flat]
 
     def encode_with_pre(self, x, pos, mask):
-        """Training mode: the batch's selection, held sparse in extras as (token, latent,
-        value) triples, and θ's update (so any forward in training mode moves θ). Inference
-        mode: pre ⊙ 1[pre > θ]."""
+        """Training mode: the batch's selection as `SparseCodes`, and θ's update (so any
+        forward in training mode moves θ). Inference mode: pre ⊙ 1[pre > θ]."""
         pre = self.pre_activations(x)
         if not self.training:
             return pre * (pre > self.threshold), pre, {}
-        tokens, latents, values = self.batch_select(pre, mask)
-        self._update_threshold(values)
-        flat = torch.zeros_like(pre).view(-1, pre.shape[-1])
-        f = flat.index_put((tokens, latents), values.to(pre.dtype)).view_as(pre)
-        return f, pre, {"selected_tokens": tokens, "selected_latents": latents,
-                        "selected_values": values}
-
-    def decode(self, f, extras=None):
-        if not (extras and "selected_tokens" in extras):
-            return super().decode(f)
-        x_hat = bag_sums(extras["selected_tokens"], extras["selected_latents"],
-                         extras["selected_values"], f[..., 0].numel(), self.W_dec)
-        return x_hat.view(*f.shape[:-1], -1) + self.b_dec
+        codes = self.selected_codes(x, pre, *self.batch_select(pre.detach(), mask))
+        self._update_threshold(codes.values.detach())
+        return codes, pre, {}
 
     def mechanism_state(self) -> dict[str, float]:
         return {"threshold": self.threshold.item()}

@@ -202,8 +202,7 @@ class Trainer:
                     values = {name: term(out, batch, ctx) for name, term in self.terms.items()}
                     loss = sum(coefs[name] * value for name, value in values.items())
                 self.accelerator.backward(loss)
-            local = local + self._local_stats(out.input_codes.detach(), out.x_hat.detach(),
-                                              batch, values)
+            local = local + self._local_stats(out, batch, values)
             for _, hook in self.hooks.values():
                 hook.on_batch(out, batch)
         if self.sae.cfg.normalize_decoder:
@@ -224,16 +223,14 @@ class Trainer:
             hook.on_step_end(end, self.accelerator.reduce)
         return stats
 
-    def _local_stats(self, f, x_hat, batch, values) -> torch.Tensor:
+    def _local_stats(self, out, batch, values) -> torch.Tensor:
         """This piece's sums: term values, L0, squared error, Σx², Σx, latents fired, and
         whether this process was asked to stop (folded into the statistics' all-reduce)."""
-        active = f != 0
-        active &= batch.mask[..., None]
-        x, err = batch.x[batch.mask], (x_hat.float() - batch.x)[batch.mask]
+        n_active, fired = out.active_codes(batch.mask)
+        x, err = batch.x[batch.mask], (out.x_hat.detach().float() - batch.x)[batch.mask]
         return torch.cat([torch.stack([v.detach().float() for v in values.values()]),
-                          torch.count_nonzero(active).float()[None],  # bool .sum() is slow
-                          err.pow(2).sum()[None], x.pow(2).sum()[None], x.sum(0),
-                          active.flatten(0, -2).any(0).float(),
+                          n_active.float()[None], err.pow(2).sum()[None],
+                          x.pow(2).sum()[None], x.sum(0), fired.float(),
                           x.new_tensor([float(self.stop_signal != 0)])])
 
     def _global_stats(self, local, names, coefs, n_global):
