@@ -333,6 +333,27 @@ def test_supervised_contrastive_prefers_codes_that_identify_position():
     assert supervised_contrastive(z, labels, 1.0).item() == pytest.approx(expected)
 
 
+def test_position_contrastive_reads_counted_tokens_and_samples_without_replacement():
+    from posae.losses.contrastive import PositionContrastive, supervised_contrastive
+
+    torch.manual_seed(0)
+    f = torch.relu(torch.randn(2, 6, 5))
+    pos = torch.arange(6).repeat(2, 1)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    batch = Batch(f, pos, mask, torch.zeros(2, 6, dtype=torch.long))
+    out = SAEOutput(x_hat=f, f=f, pre=f)
+    z = torch.nn.functional.normalize(f[mask], dim=-1)
+    whole = PositionContrastive(sample=100)(out, batch, None)
+    assert whole.item() == pytest.approx(supervised_contrastive(z, pos[mask], 0.1).item())
+    torch.manual_seed(1)
+    sampled = PositionContrastive(sample=4)(out, batch, None)
+    torch.manual_seed(1)
+    keep = torch.randperm(10)[:4]  # the same draw, over the 10 counted tokens
+    expected = supervised_contrastive(z[keep], pos[mask][keep], 0.1)
+    assert sampled.item() == pytest.approx(expected.item())
+
+
 def test_multiscale_groups_see_causal_means_within_the_sequence():
     from posae.sae.multiscale import causal_means
 

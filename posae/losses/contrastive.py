@@ -40,10 +40,11 @@ class PositionContrastive(LossTerm):
         self.temperature, self.sample = temperature, sample
 
     def __call__(self, out, batch, ctx: StepContext) -> Tensor:
-        f, pos = out.f[batch.mask].float(), batch.pos[batch.mask]
-        if len(f) > self.sample:
-            keep = torch.randperm(len(f), device=f.device)[: self.sample]
-            f, pos = f[keep], pos[keep]
+        counted = batch.mask.flatten().nonzero().squeeze(1)
+        if len(counted) > self.sample:  # sampled before gathering: no copy of all codes
+            counted = counted[torch.randperm(len(counted), device=counted.device)[: self.sample]]
+        f = out.f.reshape(-1, out.f.shape[-1])[counted].float()
+        pos = batch.pos.flatten()[counted]
         z = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         return supervised_contrastive(z, pos, self.temperature)
 
