@@ -11,7 +11,7 @@ from posae.losses.auxk import AuxK
 from posae.losses.base import LinearWarmup, StepContext
 from posae.losses.reconstruction import MSE
 from posae.losses.sparsity import L1
-from posae.sae import REGISTRY, build_sae, load_sae, save_sae
+from posae.sae import REGISTRY, build_sae, load_sae, save_sae, sparse
 from posae.training.batches import Batch
 
 D_IN, D_SAE = 16, 64
@@ -207,7 +207,9 @@ def test_jumprelu_forward_and_threshold_gradient():
     torch.testing.assert_close(sae.log_threshold.grad, -near / 0.2 * 0.5)
 
 
-def test_gated_codes_are_gate_times_magnitude():
+@pytest.mark.parametrize("sparse_below", [0.0, 1.0])  # dense codes; SparseCodes
+def test_gated_codes_are_gate_times_magnitude(sparse_below, monkeypatch):
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", sparse_below)
     sae = make("gated")
     with torch.no_grad():
         sae.r_mag.normal_()
@@ -216,6 +218,7 @@ def test_gated_codes_are_gate_times_magnitude():
     out = sae(x, pos, mask)
     # π_mag as the paper writes it: its own matmul with exp(r_mag) ⊙ W_gate
     pi_mag = (x - sae.b_dec) @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
+    assert (out.sparse_codes is not None) == (sparse_below > 0)
     torch.testing.assert_close(out.f, (out.pre > 0) * torch.relu(pi_mag))
     torch.testing.assert_close(out.extras["l1_codes"], torch.relu(out.pre))
 

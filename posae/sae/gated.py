@@ -7,8 +7,10 @@
 W_gate is the shared `W_enc` and b_gate the shared `b_enc`. Their loss adds
 λ‖ReLU(π_gate)‖₁ (the `l1` term reads `extras["l1_codes"]`) and the auxiliary
 reconstruction ‖x - x̂_frozen(ReLU(π_gate))‖² through a frozen decoder (`gated_aux`).
-π_mag is computed from π_gate (the right-hand identity): one encoder matmul, not two. The
-frozen-decoder reconstruction only trains, so only a module in training mode computes it.
+π_mag is computed from π_gate (the right-hand identity): one encoder matmul, not two, and
+only where the gate is open when few are (the codes are then `SparseCodes`, as TopK's).
+The frozen-decoder reconstruction only trains, so only a module in training mode
+computes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from posae.sae.base import SAE
-from posae.sae.sparse import linear_decode
+from posae.sae.sparse import SparseCodes, is_sparse, linear_decode, selected_pre_activations
 
 
 class GatedSAE(SAE):
@@ -29,10 +31,19 @@ class GatedSAE(SAE):
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
-    def gated_codes(self, pre: Tensor) -> Tensor:
-        """f = 1[π_gate > 0] ⊙ ReLU(π_mag) from the gate pre-activations π_gate."""
-        magnitudes = torch.relu(self.r_mag.exp() * (pre - self.b_enc) + self.b_mag)
-        return (pre > 0) * magnitudes
+    def gated_codes(self, x: Tensor, pre: Tensor) -> Tensor | SparseCodes:
+        """f = 1[π_gate > 0] ⊙ ReLU(π_mag) from the gate pre-activations π_gate; when few
+        gates are open, as `SparseCodes` over the open ones (π_mag computed there alone,
+        its gradient through the sparse backward of `selected_codes`' pairs)."""
+        scale = self.r_mag.exp()
+        open_gates = pre.detach() > 0
+        if not is_sparse(open_gates):
+            return open_gates * torch.relu(scale * (pre - self.b_enc) + self.b_mag)
+        tokens, latents = open_gates.reshape(-1, pre.shape[-1]).nonzero().unbind(1)
+        gate = selected_pre_activations(x, self.b_dec, self.W_enc, self.b_enc, pre, tokens,
+                                        latents)
+        magnitudes = scale[latents] * (gate - self.b_enc[latents]) + self.b_mag[latents]
+        return SparseCodes(tokens, latents, torch.relu(magnitudes), pre.shape)
 
     def encode_with_pre(self, x, pos, mask):
         pre = self.pre_activations(x)
@@ -41,4 +52,4 @@ class GatedSAE(SAE):
         if self.training:
             aux = linear_decode(gate_codes, self.W_dec.detach())
             extras["aux_x_hat"] = aux + self.b_dec.detach()
-        return self.gated_codes(pre), pre, extras
+        return self.gated_codes(x, pre), pre, extras
