@@ -94,13 +94,14 @@ def topk_floor_seconds(trainer: Trainer, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def tokens_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:
+def tokens_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> tuple[float, float]:
+    """(tokens/s over `steps` timed steps, the L0 of the last one)."""
     for _ in range(warmup):
         trainer.train_step()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
-    return steps * trainer.cfg.batch_tokens / (time.perf_counter() - start)
+        stats = trainer.train_step()
+    return steps * trainer.cfg.batch_tokens / (time.perf_counter() - start), stats["l0"]
 
 
 def main() -> None:
@@ -135,11 +136,13 @@ def main() -> None:
         # variant alike; "dense" forces the dense matmuls (sparse.SPARSE_BELOW = 0)
         results = {name: 0.0 for name in trainers}
         dense = {name: 0.0 for name in trainers}
+        l0 = {}  # at the last timed sparse step: the sparse path's speed depends on it
         for _ in range(args.rounds):
             for name, trainer in trainers.items():
-                results[name] = max(results[name], tokens_per_second(trainer, args.steps))
+                tps, l0[name] = tokens_per_second(trainer, args.steps)
+                results[name] = max(results[name], tps)
                 with dense_steps():
-                    dense[name] = max(dense[name], tokens_per_second(trainer, args.steps))
+                    dense[name] = max(dense[name], tokens_per_second(trainer, args.steps)[0])
         floor = (trainers["topk"].cfg.batch_tokens / topk_floor_seconds(trainers["topk"])
                  if "topk" in trainers else None)
         params = {name: sum(p.numel() for p in t.sae.parameters())
@@ -156,15 +159,15 @@ def main() -> None:
           f"{sparse_roofline:,.0f} tok/s")
     relu_tps, relu_params = results.get("relu"), params.get("relu")
     print(f"{'variant':18s} {'tok/s':>8s} {'dense':>8s} {'sparse':>7s} {'of dense':>8s} "
-          f"{'of sparse':>9s} {'time/token':>10s} {'params':>11s} {'params':>7s}")
+          f"{'of sparse':>9s} {'time/token':>10s} {'params':>11s} {'params':>7s} {'L0':>6s}")
     print(f"{'':18s} {'':>8s} {'tok/s':>8s} {'gain':>7s} {'roofline':>8s} {'roofline':>9s} "
-          f"{'vs relu':>10s} {'':>11s} {'vs relu':>7s}")
+          f"{'vs relu':>10s} {'':>11s} {'vs relu':>7s} {'last':>6s}")
     for name, tps in results.items():
         time_ratio = relu_tps / tps if relu_tps else float("nan")
         param_ratio = params[name] / relu_params if relu_params else float("nan")
         print(f"{name:18s} {tps:8,.0f} {dense[name]:8,.0f} {tps / dense[name]:6.2f}x "
               f"{tps / roofline:8.2f} {tps / sparse_roofline:9.2f} {time_ratio:9.2f}x "
-              f"{params[name]:11,d} {param_ratio:6.2f}x")
+              f"{params[name]:11,d} {param_ratio:6.2f}x {l0[name]:6.0f}")
     if "relu" in results:
         print(f"dense relu fraction of the dense roofline: {dense['relu'] / roofline:.2f} "
               f"(target >= 0.85); relu sparse / dense: {results['relu'] / dense['relu']:.2f} "
