@@ -119,3 +119,29 @@ def test_topk_family_sparse_codes_give_the_dense_gradients(name):
     expected = torch.autograd.grad(loss_of(f @ sae.W_dec + sae.b_dec, f, pre), params)
     for p, ours, theirs in zip(params, got, expected):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["relu", "topk"])
+def test_under_bf16_autocast_the_pre_activations_stay_float32(name):
+    """The encoder matmul runs in bf16 and its bias is added in float32, as autograd's
+    own x @ W + c would: the codes and every statistic read from them keep float32."""
+    sae = make(name).train()
+    x, pos, mask = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, pos, mask)
+    assert out.pre.dtype == torch.float32 and out.f.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["relu", "topk"])
+def test_data_parallel_finds_the_outputs_tensors(name):
+    """DDP with find_unused_parameters walks the forward's output for tensors (lists,
+    dicts and dataclasses only): SAEOutput must stay a dataclass, its sparse codes too,
+    or every parameter looks unused and the backward fails."""
+    from torch.nn.parallel.distributed import _find_tensors  # what DDP itself calls
+
+    sae = make(name).train()
+    out = sae(*inputs())
+    found = {id(t) for t in _find_tensors(out)}
+    assert id(out.x_hat) in found and id(out.pre) in found
+    if out.sparse_codes is not None:
+        assert id(out.sparse_codes.values) in found

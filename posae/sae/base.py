@@ -73,10 +73,19 @@ def position_range(pos: Tensor, n_ranges: int, context_size: int) -> Tensor:
     return (pos * n_ranges // context_size).clamp(0, n_ranges - 1)
 
 
+@dataclass(init=False)
 class SAEOutput:
     """What `SAE.forward` returns: x_hat, the codes f, the encoder's pre-activations and
     the extras loss terms read. f may arrive as `SparseCodes` (TopK-family training): then
-    `sparse_codes` holds them and the dense f is built on first read."""
+    `sparse_codes` holds them and the dense f is built on first read. A dataclass, so that
+    data parallelism finds its tensors (DDP's search for unused parameters walks
+    dataclasses, not plain objects)."""
+
+    x_hat: Tensor
+    pre: Tensor
+    extras: dict[str, Tensor]
+    sparse_codes: SparseCodes | None
+    _f: Tensor | None
 
     def __init__(self, x_hat: Tensor, f: Tensor | SparseCodes, pre: Tensor,
                  extras: dict[str, Tensor] | None = None):
@@ -87,9 +96,12 @@ class SAEOutput:
 
     @property
     def f(self) -> Tensor:
-        if self._f is None:
-            self._f = self.sparse_codes.to_dense()
-        return self._f
+        if self._f is not None:
+            return self._f
+        f = self.sparse_codes.to_dense()
+        if torch.is_grad_enabled() or not self.sparse_codes.values.requires_grad:
+            self._f = f  # a first read under no_grad must not cache codes without a graph
+        return f
 
     @property
     def input_codes(self) -> Tensor:
@@ -104,9 +116,9 @@ class SAEOutput:
         latent fired on one of them); from `sparse_codes` without building the dense f."""
         codes = self.sparse_codes
         if codes is not None and "input_codes" not in self.extras:
-            on = (codes.values.detach() != 0) & mask.reshape(-1)[codes.tokens]
-            fired = torch.zeros(codes.shape[-1], dtype=torch.bool, device=on.device)
-            return torch.count_nonzero(on), fired.index_fill_(0, codes.latents[on], True)
+            on = ((codes.values.detach() != 0) & mask.reshape(-1)[codes.tokens]).int()
+            fired = on.new_zeros(codes.shape[-1]).index_add_(0, codes.latents, on) > 0
+            return on.sum(), fired  # no boolean indexing: no host sync on a GPU
         active = self.input_codes.detach() != 0
         active &= mask[..., None]
         return torch.count_nonzero(active), active.flatten(0, -2).any(0)  # bool .sum() is slow

@@ -76,10 +76,10 @@ def _encoder_grads(needs: tuple[bool, ...], x: Tensor, b: Tensor, W: Tensor,
     n_tokens, m = x[..., 0].numel(), W.shape[1]
     if triples is not None:
         tokens, latents, values = triples
-        acc = torch.promote_types(values.dtype, torch.float32)  # a bf16 sum drifts
+        acc = torch.promote_types(values.dtype, torch.float32)  # a bf16 or fp16 sum drifts
         column_sums = values.new_zeros(m, dtype=acc).index_add_(0, latents, values.to(acc))
     else:
-        column_sums = dense.sum(0)
+        column_sums = dense.sum(0, dtype=torch.promote_types(dense.dtype, torch.float32))
     grad_b = -(W @ column_sums.to(W.dtype)) if needs[1] else None
     grad_x = grad_W = None
     if needs[0]:
@@ -89,7 +89,7 @@ def _encoder_grads(needs: tuple[bool, ...], x: Tensor, b: Tensor, W: Tensor,
             grad_x = dense.to(dtype) @ W.to(dtype).t()
         grad_x = grad_x.reshape(x.shape)
     if needs[2]:
-        centred = (x.to(dtype) - b.to(dtype)).reshape(n_tokens, -1)
+        centred = (x - b).to(dtype).reshape(n_tokens, -1)  # rounded after the subtraction
         if triples is not None:
             grad_W = bag_sums(latents, tokens, values, m, centred).t()
         else:
@@ -98,8 +98,8 @@ def _encoder_grads(needs: tuple[bool, ...], x: Tensor, b: Tensor, W: Tensor,
 
 
 class CentredAffine(torch.autograd.Function):
-    """(x - b) @ W + c, computed as x @ W + (c - b @ W) with the bias added inside the
-    matmul (`addmm`): the encoder's pre-activations.
+    """(x - b) @ W + c, computed as x @ W + (c - b @ W), the bias added inside the matmul
+    (`addmm`) outside autocast: the encoder's pre-activations.
 
     Backward: g = ∂L/∂pre is zero wherever a latent is off and no loss term reads its
     pre-activation, so when its non-zero entries are few the gradients are sums over them
@@ -111,7 +111,13 @@ class CentredAffine(torch.autograd.Function):
     def forward(ctx, x, b, W, c):
         ctx.save_for_backward(x, b, W)
         ctx.matmul_dtype = _matmul_dtype(W)
-        pre = torch.addmm(c - b @ W, x.reshape(-1, x.shape[-1]), W)
+        bias, flat = c - b @ W, x.reshape(-1, x.shape[-1])
+        if torch.is_autocast_enabled(x.device.type):
+            # the matmul in autocast's dtype, the sum in float32, as autograd's own; addmm
+            # would round the sum to the low dtype too
+            pre = flat @ W + bias
+        else:
+            pre = torch.addmm(bias, flat, W)
         return pre.view(*x.shape[:-1], W.shape[1])
 
     @staticmethod
