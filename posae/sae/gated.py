@@ -31,19 +31,23 @@ class GatedSAE(SAE):
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
+    def magnitudes(self, gate: Tensor, latents: Tensor | slice = slice(None)) -> Tensor:
+        """ReLU(π_mag) = ReLU(exp(r_mag) ⊙ (π_gate - b_gate) + b_mag) for gate values π_gate
+        of the given latents (all by default)."""
+        return torch.relu(self.r_mag.exp()[latents] * (gate - self.b_enc[latents])
+                          + self.b_mag[latents])
+
     def gated_codes(self, x: Tensor, pre: Tensor) -> Tensor | SparseCodes:
         """f = 1[π_gate > 0] ⊙ ReLU(π_mag) from the gate pre-activations π_gate; when few
         gates are open, as `SparseCodes` over the open ones (π_mag computed there alone,
-        its gradient through the sparse backward of `selected_codes`' pairs)."""
-        scale = self.r_mag.exp()
+        its gradient through the sparse backward of `selected_pre_activations`)."""
         open_gates = pre.detach() > 0
         if not is_sparse(open_gates):
-            return open_gates * torch.relu(scale * (pre - self.b_enc) + self.b_mag)
+            return open_gates * self.magnitudes(pre)
         tokens, latents = open_gates.reshape(-1, pre.shape[-1]).nonzero().unbind(1)
         gate = selected_pre_activations(x, self.b_dec, self.W_enc, self.b_enc, pre, tokens,
                                         latents)
-        magnitudes = scale[latents] * (gate - self.b_enc[latents]) + self.b_mag[latents]
-        return SparseCodes(tokens, latents, torch.relu(magnitudes), pre.shape)
+        return SparseCodes(tokens, latents, self.magnitudes(gate, latents), pre.shape)
 
     def encode_with_pre(self, x, pos, mask):
         pre = self.pre_activations(x)
