@@ -16,14 +16,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def git_commit(directory: Path = PACKAGE_DIR) -> dict:
     """The commit of the checkout that holds posae, and whether the tracked files that set a
     run's numbers (the package, posae/conf/, the experiment yaml files) differ from it or hold
-    files git does not track yet (`dirty`); both None outside a git checkout (a wheel)."""
+    files git does not track yet (`dirty`); both None outside a git checkout (a wheel). The
+    sweeps' own run folders (experiments/runs/, their saved configs) are results, not code."""
     def git(*args):
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
                               text=True, timeout=30)
     try:
         head = git("rev-parse", "HEAD")
         status = git("status", "--porcelain", "--untracked-files=all", "--", str(directory),
-                     ":(top,glob)experiments/**/*.yaml")
+                     ":(top,glob)experiments/**/*.yaml", ":(top,exclude)experiments/runs")
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
     if head.returncode != 0:

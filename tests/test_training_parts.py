@@ -170,6 +170,13 @@ def test_provenance_names_the_commit_and_whether_the_code_differs_from_it(tmp_pa
     assert len(clean["commit"]) == 40 and clean["dirty"] is False
     notes.write_text("edited results\n")  # not code: still clean
     assert git_commit(package)["dirty"] is False
+    run_folder = tmp_path / "experiments" / "runs" / "sweep" / "job"  # a sweep's saved configs
+    run_folder.mkdir(parents=True)
+    (run_folder / "run_config.yaml").write_text("seed: 0\n")
+    assert git_commit(package)["dirty"] is False
+    (tmp_path / "experiments" / "new_experiment.yaml").write_text("seed: 1\n")  # an experiment
+    assert git_commit(package)["dirty"] is True
+    (tmp_path / "experiments" / "new_experiment.yaml").unlink()
     (package / "new.py").write_text("y = 2\n")  # untracked code counts
     assert git_commit(package)["dirty"] is True
     (package / "new.py").unlink()
