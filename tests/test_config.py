@@ -117,6 +117,9 @@ def test_a_loss_term_the_architecture_cannot_feed_exits_2_before_any_compute(tmp
     (["variant=topk", "variant.k=5000"], "variant.k"),
     (["variant=pa_sae", "variant.mask=open"], "variant.mask"),
     (["variant=masked_hard", "variant.mask=soft"], "variant.mask"),
+    (["variant=masked_hard", "variant.cutoff=3"], "variant.cutoff"),
+    (["variant=masked_hard_topk", "variant.mask=gaussian"], "variant.mask"),
+    (["variant=masked_hard_topk", "variant.k=1000"], "variant.k"),
     (["variant=multiscale", "variant.width=100"], "variant"),
     (["variant=pa_sae", "variant.rate_init=0.5"], "variant.rate_init"),
 ])

@@ -98,6 +98,8 @@ CASES = [
      ["variant=hierarchical", "loss=[mse,l1]", "loss.l1.coef=0.1"], None, 0),
     ("masked_hard", ["variant=masked_hard"], ["variant=relu", "optim=adam"], None, 0),
     ("masked_gaussian", ["variant=masked_gaussian"], ["variant=relu", "optim=adam"], None, 0),
+    ("masked_hard_topk (control)", ["variant=masked_hard_topk", "variant.k=4"],
+     ["variant=topk", "variant.k=4"], None, 0),
     ("masked_progressive schedule", ["variant=masked_progressive", "variant.schedule_steps=40"],
      ["variant=masked_gaussian"], "mech/mask_strength", 0.5),
     ("masked_stabilised clipping", ["variant=masked_stabilised", "optim.lr=3e-5"],

@@ -309,6 +309,33 @@ def test_gaussian_mask_and_progressive_schedule():
     torch.testing.assert_close(sae.effective_mask(pos)[0], sae.mask)
 
 
+def test_gaussian_mask_cutoff_closes_latents_beyond_it_and_keeps_the_gaussian_inside():
+    exact = build("position_masked", context_size=8, mask="gaussian")
+    cut = build("position_masked", context_size=8, mask="gaussian", cutoff=1.5)
+    distance = (torch.arange(8.0)[:, None] - (torch.arange(16) + 0.5) * 8 / 16).abs()
+    assert bool((exact.mask > 0).all())  # the exact Gaussian opens every latent everywhere
+    assert torch.equal(cut.mask == 0, distance > 1.5)  # σ = L/8 = 1
+    torch.testing.assert_close(cut.mask[distance <= 1.5], exact.mask[distance <= 1.5])
+
+
+def test_topk_hard_masks_select_each_tokens_k_largest_among_its_ranges_latents():
+    sae = build("position_masked_topk", context_size=8, mask="hard", n_ranges=4, k=2)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    x, pos = torch.randn(3, 8, 8), torch.arange(8).expand(3, 8)
+    pre = sae.pre_activations(x)
+    open_pre = pre.masked_fill(sae.mask[pos] == 0, float("-inf"))
+    chosen = open_pre.topk(2, dim=-1).indices
+    expected = torch.zeros_like(pre).scatter(-1, chosen, torch.relu(pre.gather(-1, chosen)))
+    out = sae(x, pos)
+    torch.testing.assert_close(out.f, expected)
+    assert bool((out.f[sae.mask[pos] == 0] == 0).all())
+    assert bool(((out.f != 0).sum(-1) <= 2).all())
+    # the encoder's gradient reaches the selected open latents only
+    out.x_hat.pow(2).sum().backward()
+    assert bool((sae.b_enc.grad[(sae.mask[pos] * (expected != 0)).sum((0, 1)) == 0] == 0).all())
+
+
 def test_range_encoders_use_the_encoder_of_each_tokens_range():
     sae = build("range_encoders", context_size=8, n_ranges=4)
     with torch.no_grad():

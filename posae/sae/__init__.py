@@ -27,7 +27,7 @@ from posae.sae.jumprelu import JumpReLUSAE
 from posae.sae.matryoshka import MatryoshkaBatchTopKSAE
 from posae.sae.multiscale import MultiScaleSAE
 from posae.sae.pa_sae import PASAE
-from posae.sae.position_masked import PositionMaskedSAE, RangeEncoderSAE
+from posae.sae.position_masked import PositionMaskedSAE, PositionMaskedTopKSAE, RangeEncoderSAE
 from posae.sae.relu import ReLUSAE
 from posae.sae.temporal import TemporalSAE
 from posae.sae.topk import BatchTopKSAE, TopKSAE
@@ -43,6 +43,7 @@ REGISTRY: dict[str, type[SAE]] = {
     "pa_sae": PASAE,
     "hierarchical": HierarchicalSAE,
     "position_masked": PositionMaskedSAE,
+    "position_masked_topk": PositionMaskedTopKSAE,
     "range_encoders": RangeEncoderSAE,
     "multiscale": MultiScaleSAE,
     "temporal_sae": TemporalSAE,

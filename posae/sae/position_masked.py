@@ -4,9 +4,14 @@
   hard (002 "position masking", 004 runs 1-3): latents split into `n_ranges` equal groups;
       group r is open only on the r-th of n_ranges equal position ranges;
   gaussian (002 "soft masking", 004 runs 1-3): latent i centred at c_i = (i + 1/2) L / k,
-      m = exp(-(t - c_i)² / 2σ²) with σ = L/8 unless set;
+      m = exp(-(t - c_i)² / 2σ²) with σ = L/8 unless set; with `cutoff` c set, m = 0
+      beyond |t - c_i| > c σ (a control, not in 002 or 004: the exact Gaussian is never 0,
+      so every latent can fire at every position);
   progressive (004 runs 6-8, `schedule_steps` > 0): m_eff = 1 - ρ_t (1 - m), the mask's
       strength ρ_t rising linearly from 0 to 1 over `schedule_steps`.
+`PositionMaskedTopKSAE` (a control of the matched protocol, not in 002 or 004): hard masks
+on a TopK SAE, each token keeping the k largest pre-activations among the latents its
+position's range opens, so the masks act without an L1 penalty.
 `RangeEncoderSAE` (004 "specialised encoders"): one encoder per position range, one
 shared decoder.
 """
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 
 from posae.config import ConfigError
 from posae.sae.base import SAE, PositionalConfig, per_position, position_range
+from posae.sae.topk import per_token_top_k
 from posae.training.hooks import FollowSchedule, StepHook
 from posae.training.schedule import Ramp
 
@@ -30,6 +36,7 @@ class PositionMaskedConfig(PositionalConfig):
     mask: str = "hard"
     n_ranges: int = 4
     sigma: Optional[float] = None
+    cutoff: Optional[float] = None
     schedule_steps: int = 0
 
     def validate(self) -> None:
@@ -37,6 +44,9 @@ class PositionMaskedConfig(PositionalConfig):
             raise ConfigError(f"variant.mask: {self.mask!r} is not one of hard, gaussian")
         if not 1 <= self.n_ranges <= self.context_size:
             raise ConfigError(f"variant.n_ranges: must be in 1..context_size, got {self.n_ranges}")
+        if self.cutoff is not None and (self.mask != "gaussian" or not self.cutoff > 0):
+            raise ConfigError(f"variant.cutoff: a positive number of σ for mask=gaussian, got "
+                              f"{self.cutoff} with mask={self.mask}")
 
 
 class PositionMaskedSAE(SAE):
@@ -55,6 +65,8 @@ class PositionMaskedSAE(SAE):
             centre = (torch.arange(k, dtype=torch.float32) + 0.5) * L / k
             sigma = cfg.sigma or L / 8
             mask = torch.exp(-((t - centre) ** 2) / (2 * sigma ** 2))
+            if cfg.cutoff is not None:
+                mask = mask * ((t - centre).abs() <= cfg.cutoff * sigma)
         self.register_buffer("mask", mask, persistent=False)
         self.ramp = Ramp(1.0, delay=0, length=cfg.schedule_steps)  # 1 from the start without one
         self.register_buffer("strength", torch.tensor(self.ramp(0)))
@@ -72,6 +84,34 @@ class PositionMaskedSAE(SAE):
     def encode_with_pre(self, x, pos, mask):
         pre = self.pre_activations(x)
         return torch.relu(pre) * self.effective_mask(pos), pre, {}
+
+
+@dataclass
+class PositionMaskedTopKConfig(PositionMaskedConfig):
+    k: int = 32
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mask != "hard" or self.schedule_steps:
+            raise ConfigError(f"variant.mask: the TopK masked SAE takes hard masks without a "
+                              f"schedule (a Gaussian or ramped mask would scale the selected "
+                              f"codes), got mask={self.mask}, schedule_steps={self.schedule_steps}")
+        if not 1 <= self.k <= self.d_sae // self.n_ranges:
+            raise ConfigError(f"variant.k: must be in 1..{self.d_sae // self.n_ranges} (the "
+                              f"latents one position range opens), got {self.k}")
+
+
+class PositionMaskedTopKSAE(PositionMaskedSAE):
+    """Hard position masks on a TopK SAE: per token, the k largest pre-activations among the
+    latents open at its position (`per_token_top_k` with the closed ones scored -inf)."""
+
+    config_class = PositionMaskedTopKConfig
+
+    def encode_with_pre(self, x, pos, mask):
+        pre = self.pre_activations(x)
+        closed = per_position(self.mask, pos) == 0
+        scores = pre.detach().masked_fill(closed, float("-inf"))
+        return per_token_top_k(self, x, pre, self.cfg.k, scores), pre, {}
 
 
 @dataclass

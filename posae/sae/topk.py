@@ -26,15 +26,24 @@ class TopKConfig(SAEConfig):
             raise ConfigError(f"variant.k: must be in 1..{self.d_sae} (the width), got {self.k}")
 
 
+def per_token_top_k(sae: SAE, x: Tensor, pre: Tensor, k: int,
+                    scores: Tensor | None = None):
+    """Each token's k largest `scores` (default: the pre-activations; a latent scored -inf
+    is never chosen unless fewer than k are open), their ReLU'd pre-activations as
+    `SparseCodes`."""
+    scores = pre.detach() if scores is None else scores
+    latents = scores.topk(k, dim=-1, sorted=False).indices.reshape(-1)
+    tokens = torch.arange(pre[..., 0].numel(), device=pre.device)
+    return sae.selected_codes(x, pre, tokens.repeat_interleave(k), latents)
+
+
 class TopKSAE(SAE):
     config_class = TopKConfig
 
     def encode_with_pre(self, x, pos, mask):
         """Each token's k largest pre-activations, ReLU'd, as `SparseCodes`."""
         pre = self.pre_activations(x)
-        latents = pre.detach().topk(self.cfg.k, dim=-1, sorted=False).indices.reshape(-1)
-        tokens = torch.arange(pre[..., 0].numel(), device=pre.device)
-        return self.selected_codes(x, pre, tokens.repeat_interleave(self.cfg.k), latents), pre, {}
+        return per_token_top_k(self, x, pre, self.cfg.k), pre, {}
 
 
 class BatchTopKSAE(SAE):
