@@ -1,15 +1,17 @@
-"""experiments/analysis: the scripts behind statements in the results files."""
+"""experiments/analysis and experiments/publish.py: the scripts behind statements in the
+results files, and the one that refreshes them from a sweep's report."""
 
 from __future__ import annotations
 
 import importlib.util
 
 import numpy as np
+import pytest
 from conftest import REPO
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "analysis"
+def load(name: str, folder: str = "analysis"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / folder
                                                   / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -39,3 +41,25 @@ def test_a_latent_with_most_of_its_importance_weight_on_one_position_counts_as_c
     ema[5, 2] = 1.0             # latent 2: heavier at position 5, far from half
     count, largest = collapse.collapsed_latents(ema)
     assert count == 1 and largest > 7.99
+
+
+def test_publish_keeps_the_hand_written_part_and_replaces_the_report_below_the_marker(tmp_path):
+    publish = load("publish", ".")
+    sweep, paper = tmp_path / "sweep", tmp_path / "paper"
+    (sweep / "plots").mkdir(parents=True)
+    paper.mkdir()
+    (sweep / "report.md").write_text("# Title\n\nTrained at: x.\n\n## Standard metrics\n| a |\n")
+    (sweep / "report.csv").write_text("run,EV\n")
+    (sweep / "plots" / "frontier.png").write_bytes(b"png")
+    results = paper / "results.md"
+    results.write_text("# 004\n\nWhat we find.\n")
+    with pytest.raises(SystemExit, match="no marker line"):
+        publish.publish(sweep, paper)
+    assert results.read_text() == "# 004\n\nWhat we find.\n"  # left as it was
+    results.write_text(f"# 004\n\nWhat we find.\n\n{publish.MARKER}\n\nan older report\n")
+    for _ in range(2):  # a second refresh gives the same file
+        publish.publish(sweep, paper)
+        assert results.read_text() == (f"# 004\n\nWhat we find.\n\n{publish.MARKER}\n\n"
+                                       "Trained at: x.\n\n### Standard metrics\n| a |\n")
+    assert (paper / "results.csv").read_text() == "run,EV\n"
+    assert (paper / "plots" / "frontier.png").read_bytes() == b"png"
