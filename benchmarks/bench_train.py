@@ -104,6 +104,16 @@ def tokens_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> tuple[fl
     return steps * trainer.cfg.batch_tokens / (time.perf_counter() - start), stats["l0"]
 
 
+def print_profile(name: str, trainer: Trainer, steps: int, rows: int = 15) -> None:
+    """The `rows` operators with the most own CPU time over `steps` training steps."""
+    tokens_per_second(trainer, 1)  # warm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+    print(f"== {name}: {steps} steps, own CPU time per step by operator")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -113,6 +123,9 @@ def main() -> None:
                              "the initial, dense codes")
     parser.add_argument("--variants", default=",".join(["relu"] + [v for v in VARIANTS
                                                                     if v != "relu"]))
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the table: the operators that take each variant's "
+                             "step time (torch.profiler, over --steps steps)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         base = [f"cache.root={root}", "n_tokens=131072", "cache.device=cpu", "trainer.cpu=true"]
@@ -132,6 +145,10 @@ def main() -> None:
                                      cache, train_ids, 0, accelerator, Path(root), NoLogger())
             if args.l0:
                 at_l0(trainers[name], args.l0)
+        if args.profile:
+            for name, trainer in trainers.items():
+                print_profile(name, trainer, args.steps)
+            return
         # rounds over all variants and both paths, best of each: machine noise hits every
         # variant alike; "dense" forces the dense matmuls (sparse.SPARSE_BELOW = 0)
         results = {name: 0.0 for name in trainers}

@@ -93,6 +93,43 @@ def test_the_sparse_decode_chooses_by_density_and_equals_the_matmul(monkeypatch)
     torch.testing.assert_close(g_sparse, g_dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_bag_sums_and_their_gradients_equal_the_dense_products(grouped):
+    """Irregular bags, one of them empty, and a latent in no triple: the sums, ∂/∂values
+    (the sampled matmul) and ∂/∂W (bags by latent) equal autograd through a dense matrix."""
+    torch.manual_seed(0)
+    W = torch.randn(6, 4, requires_grad=True)
+    bags = torch.tensor([0, 0, 0, 2, 3, 3])  # bag 1 empty
+    latents = torch.tensor([4, 1, 0, 4, 2, 1])  # latents 3 and 5 in no triple
+    values = torch.randn(6, requires_grad=True)
+    if not grouped:
+        shuffle = torch.tensor([3, 0, 5, 1, 4, 2])
+        bags, latents, values = bags[shuffle], latents[shuffle], values[shuffle]
+    dense = torch.zeros(4, 6).index_put((bags, latents), values)
+    weights = torch.randn(4, 4)
+    got = sparse.bag_sums(bags, latents, values, 4, W, grouped=grouped)
+    torch.testing.assert_close(got, dense @ W)
+    assert torch.equal(got[1], torch.zeros(4))
+    grads = torch.autograd.grad((got * weights).sum(), (values, W))
+    exact = torch.autograd.grad(((dense @ W) * weights).sum(), (values, W))
+    for a, b in zip(grads, exact):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(grads[1][[3, 5]], torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka_batchtopk", "gated"])
+def test_sparse_codes_come_in_token_order(name, monkeypatch):
+    """`SparseCodes` promise ascending tokens: their decode and the encoder's backward read
+    each token's triples as one bag without sorting."""
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", 1.0)  # gated: sparse codes always
+    torch.manual_seed(0)
+    sae = make(name).train()
+    x, pos, mask = inputs()
+    codes = sae(x, pos, mask).sparse_codes
+    assert codes is not None and len(codes.tokens) > 1
+    assert bool((codes.tokens.diff() >= 0).all())
+
+
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka_batchtopk"])
 def test_topk_family_sparse_codes_give_the_dense_gradients(name):
     """TopK-family training never builds a dense code or pre-activation gradient; every

@@ -12,11 +12,15 @@ The results are the same to float rounding (tests/test_sparse.py).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# TripleSums' backward builds a CSR pattern only to say where to sample a matmul
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Fraction of non-zero entries below which the sparse path is taken; measured on the
 # 2-core development CPU (make bench-train): the sparse path wins up to about 10 %.
@@ -25,20 +29,54 @@ SPARSE_BELOW = 0.05
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
     """Σ_j values[..., j] * W_dec[indices[..., j]] for [..., k] indices and values."""
-    lead = indices.shape[:-1]
-    out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), W_dec,
-                          per_sample_weights=values.reshape(-1, values.shape[-1]).to(W_dec.dtype),
-                          mode="sum")
+    lead, k = indices.shape[:-1], indices.shape[-1]
+    n_bags = lead.numel()
+    bags = torch.arange(n_bags, device=indices.device).repeat_interleave(k)
+    out = bag_sums(bags, indices.reshape(-1), values.reshape(-1), n_bags, W_dec, grouped=True)
     return out.reshape(*lead, W_dec.shape[1])
 
 
-def bag_sums(bags: Tensor, latents: Tensor, values: Tensor, n_bags: int, W_dec: Tensor) -> Tensor:
+class TripleSums(torch.autograd.Function):
+    """out[b] = Σ values · W[latents] over the (bag, latent, value) triples of bag b, the
+    triples grouped by bag in ascending order (`starts` [n_bags]: where each bag begins):
+    one `embedding_bag`. Backward, k · d work per token each: ∂L/∂values are the entries of
+    G Wᵀ at the triples alone (`torch.sparse.sampled_addmm` on the triples' pattern), and
+    ∂L/∂W sums G's rows into bags by latent (`bag_sums` of the transposed triples).
+    Autograd's own backward of embedding_bag adds W's gradient row by row, about 3x slower
+    on the development CPU (make bench-train)."""
+
+    @staticmethod
+    def forward(ctx, values, W, bags, latents, starts):
+        ctx.save_for_backward(values, W, bags, latents, starts)
+        return F.embedding_bag(latents, W, starts, mode="sum",
+                               per_sample_weights=values.to(W.dtype))
+
+    @staticmethod
+    def backward(ctx, G):
+        values, W, bags, latents, starts = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            rows = torch.cat([starts, starts.new_full((1,), len(latents))])
+            pattern = torch.sparse_csr_tensor(rows, latents, G.new_zeros(len(latents)),
+                                              (len(starts), W.shape[0]), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, G, W.t().to(G.dtype), beta=0.0)
+            grad_values = grad_values.values().to(values.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = bag_sums(latents, bags, values.to(G.dtype), W.shape[0], G).to(W.dtype)
+        return grad_values, grad_W, None, None, None
+
+
+def bag_sums(bags: Tensor, latents: Tensor, values: Tensor, n_bags: int, W_dec: Tensor,
+             grouped: bool = False) -> Tensor:
     """[n_bags, d]: per bag, Σ values · W_dec[latents] over the (bag, latent, value) triples
-    in it, one `embedding_bag` (k · d work per token, not a dense decode)."""
-    order = (bags * W_dec.shape[0] + latents).argsort()  # each bag's triples contiguous
+    in it (k · d work per token, not a dense decode), differentiable in values and W_dec
+    with sparse gradients (`TripleSums`). `grouped`: the triples already come in ascending
+    bag order (codes from `nonzero()` or a per-token selection); else they are sorted."""
+    if not grouped:
+        order = bags.argsort()
+        bags, latents, values = bags[order], latents[order], values[order]
     counts = torch.bincount(bags, minlength=n_bags)
-    return F.embedding_bag(latents[order], W_dec, counts.cumsum(0) - counts, mode="sum",
-                           per_sample_weights=values[order].to(W_dec.dtype))
+    return TripleSums.apply(values, W_dec, bags, latents, counts.cumsum(0) - counts)
 
 
 def is_sparse(t: Tensor) -> bool:
@@ -53,8 +91,8 @@ def linear_decode(f: Tensor, W_dec: Tensor, support: Tensor | None = None) -> Te
     chosen = flat if support is None else support.reshape(flat.shape)
     if not is_sparse(chosen):
         return f @ W_dec
-    rows, cols = chosen.nonzero().unbind(1)
-    out = bag_sums(rows, cols, flat[rows, cols], flat.shape[0], W_dec)
+    rows, cols = chosen.nonzero().unbind(1)  # row-major: grouped by row
+    out = bag_sums(rows, cols, flat[rows, cols], flat.shape[0], W_dec, grouped=True)
     return out.to(torch.promote_types(f.dtype, W_dec.dtype)).reshape(*f.shape[:-1], -1)
 
 
@@ -68,7 +106,8 @@ def _encoder_grads(needs: tuple[bool, ...], x: Tensor, b: Tensor, W: Tensor,
                    dtype: torch.dtype, dense: Tensor | None = None,
                    triples: tuple[Tensor, Tensor, Tensor] | None = None):
     """(∂L/∂x, ∂L/∂b, ∂L/∂W, ∂L/∂c) of pre = (x - b) @ W + c, from ∂L/∂pre given either
-    `dense` ([tokens, m]) or as (token, latent, value) `triples`, its non-zero entries.
+    `dense` ([tokens, m]) or as (token, latent, value) `triples`, its non-zero entries in
+    ascending token order.
 
     ∂L/∂c = Σ_t g_t and ∂L/∂b = -W ∂L/∂c cost a vector each; from triples ∂L/∂W =
     (x - b)ᵀ g and ∂L/∂x = g Wᵀ are sums over the triples (d · nnz work, not a
@@ -84,7 +123,8 @@ def _encoder_grads(needs: tuple[bool, ...], x: Tensor, b: Tensor, W: Tensor,
     grad_x = grad_W = None
     if needs[0]:
         if triples is not None:
-            grad_x = bag_sums(tokens, latents, values, n_tokens, W.t().to(dtype).contiguous())
+            grad_x = bag_sums(tokens, latents, values, n_tokens, W.t().to(dtype).contiguous(),
+                              grouped=True)
         else:
             grad_x = dense.to(dtype) @ W.to(dtype).t()
         grad_x = grad_x.reshape(x.shape)
@@ -166,8 +206,9 @@ def selected_pre_activations(x: Tensor, b: Tensor, W: Tensor, c: Tensor, pre: Te
 @dataclass
 class SparseCodes:
     """Codes [..., m] held as their (token, latent, value) triples, tokens indexing the
-    codes flattened to [tokens, m]: what TopK-family SAEs produce in training. The dense
-    tensor is built only when something reads `SAEOutput.f`."""
+    codes flattened to [tokens, m] and in ascending order (each token's triples together):
+    what TopK-family SAEs produce in training. The dense tensor is built only when
+    something reads `SAEOutput.f`."""
 
     tokens: Tensor
     latents: Tensor
@@ -184,5 +225,6 @@ class SparseCodes:
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """codes @ W_dec from the triples (k · d work per token, forward and backward)."""
-        out = bag_sums(self.tokens, self.latents, self.values, self.n_tokens, W_dec)
+        out = bag_sums(self.tokens, self.latents, self.values, self.n_tokens, W_dec,
+                       grouped=True)
         return out.view(*self.shape[:-1], W_dec.shape[1])

@@ -68,8 +68,8 @@ class BatchTopKSAE(SAE):
     @torch.no_grad()
     def batch_select(self, pre: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(token, latent) of the batch's k x tokens largest ReLU'd pre-activations that
-        are positive, tokens indexing pre flattened to [tokens, d_sae]; masked tokens never
-        selected."""
+        are positive, in token order, tokens indexing pre flattened to [tokens, d_sae];
+        masked tokens never selected."""
         acts = torch.relu(pre).reshape(-1, pre.shape[-1])
         if mask is not None:
             acts = acts * mask.reshape(-1, 1).to(acts.dtype)
@@ -82,9 +82,9 @@ class BatchTopKSAE(SAE):
         incomplete = (smallest_candidate >= chosen.values.min()) & (smallest_candidate > 0)
         if per_token < acts.shape[1] and bool(incomplete.any()):
             chosen = acts.flatten().topk(budget, sorted=False)
-            flat = chosen.indices[chosen.values > 0]
+            flat = chosen.indices[chosen.values > 0].sort().values
             return flat // acts.shape[1], flat % acts.shape[1]
-        flat = chosen.indices[chosen.values > 0]
+        flat = chosen.indices[chosen.values > 0].sort().values  # SparseCodes: token order
         return flat // per_token, latents.flatten()[flat]
 
     def encode_with_pre(self, x, pos, mask):
