@@ -370,15 +370,46 @@ def test_position_contrastive_reads_counted_tokens_and_samples_without_replaceme
     mask[1, 4:] = False
     batch = Batch(f, pos, mask, torch.zeros(2, 6, dtype=torch.long))
     out = SAEOutput(x_hat=f, f=f, pre=f)
+    ctx = StepContext(step=0, n_tokens=10, sae=build("relu"), dead=torch.zeros(16, dtype=bool))
     z = torch.nn.functional.normalize(f[mask], dim=-1)
-    whole = PositionContrastive(sample=100)(out, batch, None)
+    whole = PositionContrastive(sample=100)(out, batch, ctx)
     assert whole.item() == pytest.approx(supervised_contrastive(z, pos[mask], 0.1).item())
     torch.manual_seed(1)
-    sampled = PositionContrastive(sample=4)(out, batch, None)
+    sampled = PositionContrastive(sample=4)(out, batch, ctx)
     torch.manual_seed(1)
     keep = torch.randperm(10)[:4]  # the same draw, over the 10 counted tokens
     expected = supervised_contrastive(z[keep], pos[mask][keep], 0.1)
     assert sampled.item() == pytest.approx(expected.item())
+
+
+def test_contrastive_similarities_from_the_codes_support_give_the_dense_gradient():
+    """On ReLU codes (no gradient where a code is 0) the sparse Gram's loss and encoder
+    gradient equal the dense matmul's; on TopK codes the codes of the sampled tokens come
+    from the triples without the dense f."""
+    from posae.losses.contrastive import PositionContrastive, supervised_contrastive
+    from posae.sae import sparse
+
+    torch.manual_seed(0)
+    x, labels = torch.randn(40, 8), torch.arange(40) % 5
+    W = torch.randn(8, 64, requires_grad=True)
+    z = torch.nn.functional.normalize(torch.relu(x @ W - 5), dim=-1)  # about 4 % non-zero
+    assert sparse.is_sparse(z)
+    losses = [supervised_contrastive(z, labels, 0.1, sparse_gradient=s) for s in (True, False)]
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in losses]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    sae = build("topk", k=2).train()
+    xs, pos = torch.randn(2, 8, 8), torch.arange(8).repeat(2, 1)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    out = sae(xs, pos, mask)
+    ctx = StepContext(step=0, n_tokens=16, sae=sae, dead=torch.zeros(16, dtype=bool))
+    torch.manual_seed(1)
+    loss = PositionContrastive(sample=6)(out, Batch(xs, pos, mask, torch.zeros_like(pos)), ctx)
+    assert out._f is None  # the dense codes were never built
+    torch.manual_seed(1)
+    keep = torch.randperm(16)[:6]
+    z = torch.nn.functional.normalize(out.f.reshape(16, -1)[keep], dim=-1)
+    torch.testing.assert_close(loss, supervised_contrastive(z, pos.flatten()[keep], 0.1))
 
 
 def test_multiscale_groups_see_causal_means_within_the_sequence():

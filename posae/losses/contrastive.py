@@ -18,10 +18,14 @@ from torch import Tensor
 
 from posae.losses.base import LossTerm, StepContext
 from posae.losses.temporal import valid_pairs
+from posae.sae.sparse import gram
 
 
-def supervised_contrastive(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    sim = (z @ z.t()) / temperature
+def supervised_contrastive(z: Tensor, labels: Tensor, temperature: float,
+                           sparse_gradient: bool = False) -> Tensor:
+    """The loss above for unit rows z; `sparse_gradient`: z's gradient counts only at its
+    non-zero entries, so the similarities may come from those alone (`gram`)."""
+    sim = gram(z, sparse_gradient) / temperature
     self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(self_mask, float("-inf"))
     positive = (labels[:, None] == labels[None, :]) & ~self_mask
@@ -43,10 +47,11 @@ class PositionContrastive(LossTerm):
         counted = batch.mask.flatten().nonzero().squeeze(1)
         if len(counted) > self.sample:  # sampled before gathering: no copy of all codes
             counted = counted[torch.randperm(len(counted), device=counted.device)[: self.sample]]
-        f = out.f.reshape(-1, out.f.shape[-1])[counted].float()
+        f = out.codes_of(counted).float()
         pos = batch.pos.flatten()[counted]
         z = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return supervised_contrastive(z, pos, self.temperature)
+        sparse_gradient = out.sparse_codes is not None or ctx.sae.decodes_sparsely
+        return supervised_contrastive(z, pos, self.temperature, sparse_gradient)
 
 
 class AdjacentInfoNCE(LossTerm):

@@ -103,6 +103,13 @@ class SAEOutput:
             self._f = f  # a first read under no_grad must not cache codes without a graph
         return f
 
+    def codes_of(self, tokens: Tensor) -> Tensor:
+        """[len(tokens), m]: the codes of the distinct `tokens` (indices into f flattened to
+        [tokens, m]), from the triples when the dense f is not built yet."""
+        if self._f is None:
+            return self.sparse_codes.dense_rows(tokens)
+        return self._f.reshape(-1, self._f.shape[-1])[tokens]
+
     @property
     def input_codes(self) -> Tensor:
         """The codes the input produces, before any input-independent offset (the

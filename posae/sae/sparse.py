@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# TripleSums' backward builds a CSR pattern only to say where to sample a matmul
+# TripleSums and SparseGram build CSR patterns only to say where to sample a matmul
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Fraction of non-zero entries below which the sparse path is taken; measured on the
@@ -94,6 +94,39 @@ def linear_decode(f: Tensor, W_dec: Tensor, support: Tensor | None = None) -> Te
     rows, cols = chosen.nonzero().unbind(1)  # row-major: grouped by row
     out = bag_sums(rows, cols, flat[rows, cols], flat.shape[0], W_dec, grouped=True)
     return out.to(torch.promote_types(f.dtype, W_dec.dtype)).reshape(*f.shape[:-1], -1)
+
+
+class SparseGram(torch.autograd.Function):
+    """Z Zᵀ for a [n, m] Z of few non-zero entries whose gradient counts only there (codes
+    of an SAE whose codes have no gradient where they are 0: `decodes_sparsely`, or
+    TopK-family codes): forward and backward cost nnz · n instead of n² · m. The gradient
+    is ((G + Gᵀ) Z) at Z's non-zero entries (`torch.sparse.sampled_addmm`), 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, Z):
+        rows, cols = Z.nonzero().unbind(1)  # row-major
+        counts = torch.bincount(rows, minlength=Z.shape[0])
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        ctx.save_for_backward(Z, crow, cols)
+        entries = torch.sparse_csr_tensor(crow, cols, Z[rows, cols], Z.shape,
+                                          check_invariants=False)
+        return entries @ Z.t().contiguous()
+
+    @staticmethod
+    def backward(ctx, G):
+        Z, crow, cols = ctx.saved_tensors
+        pattern = torch.sparse_csr_tensor(crow, cols, Z.new_zeros(len(cols)), Z.shape,
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, (G + G.t()).to(Z.dtype), Z,
+                                          beta=0.0).to_dense()
+
+
+def gram(Z: Tensor, zero_gradient_at_zeros: bool) -> Tensor:
+    """Z Zᵀ; from Z's non-zero entries (`SparseGram`) when they are few and its gradient
+    where Z is 0 does not matter (`zero_gradient_at_zeros`), else the dense matmul."""
+    if zero_gradient_at_zeros and is_sparse(Z):
+        return SparseGram.apply(Z)
+    return Z @ Z.t()
 
 
 def _matmul_dtype(W: Tensor) -> torch.dtype:
@@ -222,6 +255,15 @@ class SparseCodes:
     def to_dense(self) -> Tensor:
         flat = self.values.new_zeros(self.n_tokens, self.shape[-1])
         return flat.index_put((self.tokens, self.latents), self.values).view(self.shape)
+
+    def dense_rows(self, rows: Tensor) -> Tensor:
+        """[len(rows), m]: the dense codes of the distinct tokens `rows` alone."""
+        where = torch.full((self.n_tokens,), -1, dtype=torch.long, device=rows.device)
+        where[rows] = torch.arange(len(rows), device=rows.device)
+        at = where[self.tokens]
+        keep = at >= 0
+        out = self.values.new_zeros(len(rows), self.shape[-1])
+        return out.index_put((at[keep], self.latents[keep]), self.values[keep])
 
     def decode(self, W_dec: Tensor) -> Tensor:
         """codes @ W_dec from the triples (k · d work per token, forward and backward)."""
