@@ -284,6 +284,22 @@ def test_hierarchical_codes_follow_eq_2_to_5_as_written():
     torch.testing.assert_close(sae.encode(x, pos), expected)
 
 
+@pytest.mark.parametrize("penalise_offset", [True, False])
+def test_hierarchical_l1_reads_the_offset_unless_told_not_to(penalise_offset):
+    from posae.losses.sparsity import L1
+
+    sae = build("hierarchical", context_size=8, heads=2, head_dim=4,
+                penalise_offset=penalise_offset)
+    with torch.no_grad():
+        sae.output.weight.normal_()  # a non-zero routing offset
+    x, pos = torch.randn(2, 8, 8), torch.arange(8).expand(2, 8)
+    out = sae(x, pos)
+    assert not torch.equal(out.f, out.input_codes)
+    penalised = out.f if penalise_offset else out.input_codes
+    batch = Batch(x, pos, torch.ones(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.long))
+    torch.testing.assert_close(L1().per_token(out, batch, None), penalised.abs().sum(-1))
+
+
 def test_hard_position_mask_opens_each_latent_group_on_its_quarter_only():
     sae = build("position_masked", context_size=8, mask="hard", n_ranges=4)
     # 16 latents in 4 groups of 4; positions 0-1 → group 0, 2-3 → group 1, ...

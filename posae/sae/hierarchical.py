@@ -40,6 +40,10 @@ class HierarchicalConfig(PositionalConfig):
     position_embedding: bool = True
     routing: bool = True
     gate: bool = True
+    # what an L1 term reads: the codes f of eq. 5, routing's offset g ⊙ α_t included (002 as
+    # written), or, false, the input codes alone (a control, not in 002: does the L1 on the
+    # input-independent offset hold the routing at zero?)
+    penalise_offset: bool = True
 
     def validate(self) -> None:
         if self.d_sae % 2:
@@ -104,8 +108,11 @@ class HierarchicalSAE(SAE):
         pre = self.pre_activations(x) + per_position(shift, pos)
         input_codes = torch.relu(pre) * per_position(scale, pos)
         f = input_codes + per_position(offset, pos)
-        return f, pre, {"global_codes": f[..., : self.half],
-                        "positional_codes": f[..., self.half :], "input_codes": input_codes}
+        extras = {"global_codes": f[..., : self.half], "positional_codes": f[..., self.half :],
+                  "input_codes": input_codes}
+        if not self.cfg.penalise_offset:
+            extras["l1_codes"] = input_codes
+        return f, pre, extras
 
     @torch.no_grad()
     def mechanism_state(self) -> dict[str, float]:
