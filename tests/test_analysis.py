@@ -4,6 +4,7 @@ results files, and the one that refreshes them from a sweep's report."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -63,3 +64,21 @@ def test_publish_keeps_the_hand_written_part_and_replaces_the_report_below_the_m
                                        "Trained at: x.\n\n### Standard metrics\n| a |\n")
     assert (paper / "results.csv").read_text() == "run,EV\n"
     assert (paper / "plots" / "frontier.png").read_bytes() == b"png"
+
+
+def test_matched_runs_averages_each_methods_seeds_at_one_target(tmp_path, capsys):
+    runs = load("matched_runs")
+    for name, ev, coef in [("relu@l0_32_seed0", 0.5, 3.0), ("relu@l0_32_seed1", 0.7, 5.0),
+                           ("relu@l0_16_seed0", 0.1, 9.0), ("topk@l0_32_seed0", 0.9, None)]:
+        job = tmp_path / name
+        job.mkdir()
+        (job / "metrics.json").write_text(json.dumps({"core": {"explained_variance": ev}}))
+        mechanisms = {} if coef is None else {"coef/l1": coef}
+        (job / "train_summary.json").write_text(json.dumps({"mechanisms": mechanisms}))
+    (tmp_path / "unfinished@l0_32_seed0").mkdir()  # no metrics.json: left out
+    found = runs.collect(tmp_path, 32, runs.COLUMNS)
+    assert set(found) == {"relu", "topk"}
+    assert found["relu"]["EV"] == [0.5, 0.7] and found["relu"]["final L1 coefficient"] == [3, 5]
+    runs.main([str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "| `relu` | 2 | 0.6 ± 0.14 |" in table and "| `topk` | 1 | 0.9 |" in table
