@@ -414,11 +414,17 @@ def test_contrastive_similarities_from_the_codes_support_give_the_dense_gradient
     torch.testing.assert_close(losses[0], losses[1])
     grads = [torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in losses]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
-    sae = build("topk", k=2).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU's sparse kernels lack bf16
+        in_bf16 = supervised_contrastive(z, labels, 0.1, sparse_gradient=True)
+    torch.testing.assert_close(in_bf16, losses[0])
+    from posae.sae import REGISTRY, build_sae
+
+    sae = build_sae(REGISTRY["topk"].config_class(name="topk", d_in=8, width=64, k=1)).train()
     xs, pos = torch.randn(2, 8, 8), torch.arange(8).repeat(2, 1)
     mask = torch.ones(2, 8, dtype=torch.bool)
     out = sae(xs, pos, mask)
-    ctx = StepContext(step=0, n_tokens=16, sae=sae, dead=torch.zeros(16, dtype=bool))
+    assert sparse.is_sparse(out.codes_of(torch.arange(6)))  # the sparse Gram's path
+    ctx = StepContext(step=0, n_tokens=16, sae=sae, dead=torch.zeros(64, dtype=bool))
     torch.manual_seed(1)
     loss = PositionContrastive(sample=6)(out, Batch(xs, pos, mask, torch.zeros_like(pos)), ctx)
     assert out._f is None  # the dense codes were never built

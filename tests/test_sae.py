@@ -21,6 +21,7 @@ def make(name: str, **extra):
     torch.manual_seed(0)
     cls = REGISTRY[name]
     kwargs = {"topk": {"k": 4}, "batchtopk": {"k": 4}, "matryoshka_batchtopk": {"k": 4},
+              "position_masked_topk": {"k": 4},
               "multiscale": {"scales": [1, 4]}}.get(name, {})
     return build_sae(cls.config_class(name=name, d_in=D_IN, width=D_SAE, **{**kwargs, **extra}))
 

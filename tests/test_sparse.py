@@ -117,17 +117,38 @@ def test_bag_sums_and_their_gradients_equal_the_dense_products(grouped):
     assert torch.equal(grads[1][[3, 5]], torch.zeros(2, 4))
 
 
-@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka_batchtopk", "gated"])
-def test_sparse_codes_come_in_token_order(name, monkeypatch):
-    """`SparseCodes` promise ascending tokens: their decode and the encoder's backward read
-    each token's triples as one bag without sorting."""
+def sorted_by_token_then_latent(codes) -> bool:
+    key = codes.tokens * codes.shape[-1] + codes.latents
+    return bool((key.diff() > 0).all())
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka_batchtopk", "gated",
+                                  "position_masked_topk"])
+def test_sparse_codes_come_sorted_by_token_then_latent(name, monkeypatch):
+    """`SparseCodes` promise (token, latent) order: their decode and the encoder's backward
+    read each token's triples as one bag without sorting, and the sampled matmul of the
+    decode's backward needs each bag's latents ascending."""
     monkeypatch.setattr(sparse, "SPARSE_BELOW", 1.0)  # gated: sparse codes always
     torch.manual_seed(0)
     sae = make(name).train()
     x, pos, mask = inputs()
     codes = sae(x, pos, mask).sparse_codes
     assert codes is not None and len(codes.tokens) > 1
-    assert bool((codes.tokens.diff() >= 0).all())
+    assert sorted_by_token_then_latent(codes)
+
+
+def test_batchtopk_full_search_keeps_the_order_and_the_exact_selection(monkeypatch):
+    """One token holding more than its candidates' share of the batch's largest values
+    sends the selection to the full search; its result is sorted as the fast path's."""
+    torch.manual_seed(0)
+    sae = make("batchtopk").train()
+    pre = torch.randn(6, sae.cfg.d_sae)
+    pre[2] += 10  # token 2 alone holds more than candidates_per_k x k of the top values
+    tokens, latents = sae.batch_select(pre, None)
+    budget = sae.cfg.k * 6
+    expected = torch.relu(pre).flatten().topk(budget).indices.sort().values
+    assert torch.equal(tokens * sae.cfg.d_sae + latents, expected)
+    assert (tokens == 2).sum() > sae.candidates_per_k * sae.cfg.k
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka_batchtopk"])

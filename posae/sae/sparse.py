@@ -31,6 +31,8 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
     """Σ_j values[..., j] * W_dec[indices[..., j]] for [..., k] indices and values."""
     lead, k = indices.shape[:-1], indices.shape[-1]
     n_bags = lead.numel()
+    indices, order = indices.sort(-1)
+    values = values.gather(-1, order)
     bags = torch.arange(n_bags, device=indices.device).repeat_interleave(k)
     out = bag_sums(bags, indices.reshape(-1), values.reshape(-1), n_bags, W_dec, grouped=True)
     return out.reshape(*lead, W_dec.shape[1])
@@ -38,12 +40,13 @@ def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
 
 class TripleSums(torch.autograd.Function):
     """out[b] = Σ values · W[latents] over the (bag, latent, value) triples of bag b, the
-    triples grouped by bag in ascending order (`starts` [n_bags]: where each bag begins):
-    one `embedding_bag`. Backward, k · d work per token each: ∂L/∂values are the entries of
-    G Wᵀ at the triples alone (`torch.sparse.sampled_addmm` on the triples' pattern), and
-    ∂L/∂W sums G's rows into bags by latent (`bag_sums` of the transposed triples).
-    Autograd's own backward of embedding_bag adds W's gradient row by row, about 3x slower
-    on the development CPU (make bench-train)."""
+    triples sorted by (bag, latent), each pair once (`starts` [n_bags]: where each bag
+    begins): one `embedding_bag`. Backward, k · d work per token each: ∂L/∂values are the
+    entries of G Wᵀ at the triples alone (`torch.sparse.sampled_addmm` on the triples' CSR
+    pattern, which must have sorted columns; in float32, its lowest precision), and ∂L/∂W
+    sums G's rows into bags by latent (`bag_sums` of the transposed triples). Autograd's
+    own backward of embedding_bag adds W's gradient row by row, about 3x slower on the
+    development CPU (make bench-train)."""
 
     @staticmethod
     def forward(ctx, values, W, bags, latents, starts):
@@ -57,9 +60,10 @@ class TripleSums(torch.autograd.Function):
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
             rows = torch.cat([starts, starts.new_full((1,), len(latents))])
-            pattern = torch.sparse_csr_tensor(rows, latents, G.new_zeros(len(latents)),
+            acc = torch.promote_types(G.dtype, torch.float32)
+            pattern = torch.sparse_csr_tensor(rows, latents, G.new_zeros(len(latents), dtype=acc),
                                               (len(starts), W.shape[0]), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, G, W.t().to(G.dtype), beta=0.0)
+            grad_values = torch.sparse.sampled_addmm(pattern, G.to(acc), W.t().to(acc), beta=0.0)
             grad_values = grad_values.values().to(values.dtype)
         if ctx.needs_input_grad[1]:
             grad_W = bag_sums(latents, bags, values.to(G.dtype), W.shape[0], G).to(W.dtype)
@@ -70,13 +74,18 @@ def bag_sums(bags: Tensor, latents: Tensor, values: Tensor, n_bags: int, W_dec: 
              grouped: bool = False) -> Tensor:
     """[n_bags, d]: per bag, Σ values · W_dec[latents] over the (bag, latent, value) triples
     in it (k · d work per token, not a dense decode), differentiable in values and W_dec
-    with sparse gradients (`TripleSums`). `grouped`: the triples already come in ascending
-    bag order (codes from `nonzero()` or a per-token selection); else they are sorted."""
+    with sparse gradients (`TripleSums`). `grouped`: the triples already come sorted by
+    (bag, latent) (codes from `nonzero()`, `SparseCodes`); else they are sorted here."""
     if not grouped:
-        order = bags.argsort()
+        order = (bags * W_dec.shape[0] + latents).argsort()
         bags, latents, values = bags[order], latents[order], values[order]
-    counts = torch.bincount(bags, minlength=n_bags)
-    return TripleSums.apply(values, W_dec, bags, latents, counts.cumsum(0) - counts)
+    return TripleSums.apply(values, W_dec, bags, latents, segment_starts(bags, n_bags))
+
+
+def segment_starts(sorted_ids: Tensor, n: int) -> Tensor:
+    """[n]: where each of the ids 0..n-1 begins in `sorted_ids` (ascending); no host sync,
+    unlike bincount on a GPU."""
+    return torch.searchsorted(sorted_ids, torch.arange(n, device=sorted_ids.device))
 
 
 def is_sparse(t: Tensor) -> bool:
@@ -104,9 +113,8 @@ class SparseGram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Z):
-        rows, cols = Z.nonzero().unbind(1)  # row-major
-        counts = torch.bincount(rows, minlength=Z.shape[0])
-        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        rows, cols = Z.nonzero().unbind(1)  # row-major, columns ascending in each row
+        crow = segment_starts(rows, Z.shape[0] + 1)
         ctx.save_for_backward(Z, crow, cols)
         entries = torch.sparse_csr_tensor(crow, cols, Z[rows, cols], Z.shape,
                                           check_invariants=False)
@@ -122,10 +130,12 @@ class SparseGram(torch.autograd.Function):
 
 
 def gram(Z: Tensor, zero_gradient_at_zeros: bool) -> Tensor:
-    """Z Zᵀ; from Z's non-zero entries (`SparseGram`) when they are few and its gradient
-    where Z is 0 does not matter (`zero_gradient_at_zeros`), else the dense matmul."""
+    """Z Zᵀ; from Z's non-zero entries (`SparseGram`, in float32 outside autocast: the CPU's
+    sparse kernels have no bf16) when they are few and its gradient where Z is 0 does not
+    matter (`zero_gradient_at_zeros`), else the dense matmul."""
     if zero_gradient_at_zeros and is_sparse(Z):
-        return SparseGram.apply(Z)
+        with torch.autocast(Z.device.type, enabled=False):
+            return SparseGram.apply(Z.float())
     return Z @ Z.t()
 
 
@@ -239,9 +249,9 @@ def selected_pre_activations(x: Tensor, b: Tensor, W: Tensor, c: Tensor, pre: Te
 @dataclass
 class SparseCodes:
     """Codes [..., m] held as their (token, latent, value) triples, tokens indexing the
-    codes flattened to [tokens, m] and in ascending order (each token's triples together):
-    what TopK-family SAEs produce in training. The dense tensor is built only when
-    something reads `SAEOutput.f`."""
+    codes flattened to [tokens, m], sorted by (token, latent) (each token's triples one
+    bag, its latents ascending): what TopK-family SAEs produce in training. The dense
+    tensor is built only when something reads `SAEOutput.f`."""
 
     tokens: Tensor
     latents: Tensor

@@ -29,10 +29,10 @@ class TopKConfig(SAEConfig):
 def per_token_top_k(sae: SAE, x: Tensor, pre: Tensor, k: int,
                     scores: Tensor | None = None):
     """Each token's k largest `scores` (default: the pre-activations; a latent scored -inf
-    is never chosen unless fewer than k are open), their ReLU'd pre-activations as
-    `SparseCodes`."""
+    is chosen only when fewer than k are finite, and then with its ReLU'd pre-activation),
+    their ReLU'd pre-activations as `SparseCodes` (latents ascending in each token)."""
     scores = pre.detach() if scores is None else scores
-    latents = scores.topk(k, dim=-1, sorted=False).indices.reshape(-1)
+    latents = scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values.reshape(-1)
     tokens = torch.arange(pre[..., 0].numel(), device=pre.device)
     return sae.selected_codes(x, pre, tokens.repeat_interleave(k), latents)
 
@@ -68,8 +68,8 @@ class BatchTopKSAE(SAE):
     @torch.no_grad()
     def batch_select(self, pre: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """(token, latent) of the batch's k x tokens largest ReLU'd pre-activations that
-        are positive, in token order, tokens indexing pre flattened to [tokens, d_sae];
-        masked tokens never selected."""
+        are positive, sorted by (token, latent), tokens indexing pre flattened to
+        [tokens, d_sae]; masked tokens never selected."""
         acts = torch.relu(pre).reshape(-1, pre.shape[-1])
         if mask is not None:
             acts = acts * mask.reshape(-1, 1).to(acts.dtype)
@@ -84,8 +84,10 @@ class BatchTopKSAE(SAE):
             chosen = acts.flatten().topk(budget, sorted=False)
             flat = chosen.indices[chosen.values > 0].sort().values
             return flat // acts.shape[1], flat % acts.shape[1]
-        flat = chosen.indices[chosen.values > 0].sort().values  # SparseCodes: token order
-        return flat // per_token, latents.flatten()[flat]
+        flat = chosen.indices[chosen.values > 0]
+        # SparseCodes' order: by token, then latent
+        key = (flat // per_token * acts.shape[1] + latents.flatten()[flat]).sort().values
+        return key // acts.shape[1], key % acts.shape[1]
 
     def encode_with_pre(self, x, pos, mask):
         """Training mode: the batch's selection as `SparseCodes`, and θ's update (so any
