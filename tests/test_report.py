@@ -51,10 +51,12 @@ def sweep_params(experiment: str) -> dict[str, str]:
 
 
 def test_every_declared_run_has_a_file_and_at_most_ten_runs():
+    """A paper's sweep holds at most its runs 1-10; a matched sweep may add the protocol's
+    TopK base and control runs beside the paper's methods."""
     used: dict[str, set] = {}
     for experiment, (folder, group) in {**EXPERIMENTS, **MATCHED}.items():
         runs = declared_runs(experiment)
-        assert 2 <= len(runs) <= 10, experiment
+        assert 2 <= len(runs) <= (10 if experiment in EXPERIMENTS else 16), experiment
         assert len(set(runs)) == len(runs), experiment
         files = {p.stem for p in (REPO / "experiments" / folder / group).glob("*.yaml")}
         assert set(runs) <= files, experiment
