@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# TripleSums and SparseGram build CSR patterns only to say where to sample a matmul
+# products_at builds CSR patterns only to say where to sample a matmul
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Fraction of non-zero entries below which the sparse path is taken; measured on the
@@ -42,11 +42,10 @@ class TripleSums(torch.autograd.Function):
     """out[b] = Σ values · W[latents] over the (bag, latent, value) triples of bag b, the
     triples sorted by (bag, latent), each pair once (`starts` [n_bags]: where each bag
     begins): one `embedding_bag`. Backward, k · d work per token each: ∂L/∂values are the
-    entries of G Wᵀ at the triples alone (`torch.sparse.sampled_addmm` on the triples' CSR
-    pattern, which must have sorted columns; in float32, its lowest precision), and ∂L/∂W
-    sums G's rows into bags by latent (`bag_sums` of the transposed triples). Autograd's
-    own backward of embedding_bag adds W's gradient row by row, about 3x slower on the
-    development CPU (make bench-train)."""
+    entries of G Wᵀ at the triples alone (`products_at` on the triples' CSR pattern, in
+    float32, its lowest precision), and ∂L/∂W sums G's rows into bags by latent
+    (`bag_sums` of the transposed triples). Autograd's own backward of embedding_bag adds
+    W's gradient row by row, about 3x slower on the development CPU (make bench-train)."""
 
     @staticmethod
     def forward(ctx, values, W, bags, latents, starts):
@@ -61,13 +60,20 @@ class TripleSums(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             rows = torch.cat([starts, starts.new_full((1,), len(latents))])
             acc = torch.promote_types(G.dtype, torch.float32)
-            pattern = torch.sparse_csr_tensor(rows, latents, G.new_zeros(len(latents), dtype=acc),
-                                              (len(starts), W.shape[0]), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, G.to(acc), W.t().to(acc), beta=0.0)
+            grad_values = products_at(rows, latents, G.to(acc), W.t().to(acc))
             grad_values = grad_values.values().to(values.dtype)
         if ctx.needs_input_grad[1]:
             grad_W = bag_sums(latents, bags, values.to(G.dtype), W.shape[0], G).to(W.dtype)
         return grad_values, grad_W, None, None, None
+
+
+def products_at(crow: Tensor, cols: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """A @ B at the entries of a CSR pattern alone (row pointers `crow`, columns `cols`
+    ascending within each row, as cuSPARSE requires), as a sparse CSR tensor: d work per
+    entry (`torch.sparse.sampled_addmm`) instead of the full product's."""
+    pattern = torch.sparse_csr_tensor(crow, cols, A.new_zeros(len(cols)),
+                                      (A.shape[0], B.shape[1]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, A, B, beta=0.0)
 
 
 def bag_sums(bags: Tensor, latents: Tensor, values: Tensor, n_bags: int, W_dec: Tensor,
@@ -109,7 +115,7 @@ class SparseGram(torch.autograd.Function):
     """Z Zᵀ for a [n, m] Z of few non-zero entries whose gradient counts only there (codes
     of an SAE whose codes have no gradient where they are 0: `decodes_sparsely`, or
     TopK-family codes): forward and backward cost nnz · n instead of n² · m. The gradient
-    is ((G + Gᵀ) Z) at Z's non-zero entries (`torch.sparse.sampled_addmm`), 0 elsewhere."""
+    is ((G + Gᵀ) Z) at Z's non-zero entries (`products_at`), 0 elsewhere."""
 
     @staticmethod
     def forward(ctx, Z):
@@ -123,10 +129,7 @@ class SparseGram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):
         Z, crow, cols = ctx.saved_tensors
-        pattern = torch.sparse_csr_tensor(crow, cols, Z.new_zeros(len(cols)), Z.shape,
-                                          check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, (G + G.t()).to(Z.dtype), Z,
-                                          beta=0.0).to_dense()
+        return products_at(crow, cols, (G + G.t()).to(Z.dtype), Z).to_dense()
 
 
 def gram(Z: Tensor, zero_gradient_at_zeros: bool) -> Tensor:
