@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -82,3 +83,25 @@ def test_matched_runs_averages_each_methods_seeds_at_one_target(tmp_path, capsys
     runs.main([str(tmp_path)])
     table = capsys.readouterr().out
     assert "| `relu` | 2 | 0.6 ± 0.14 |" in table and "| `topk` | 1 | 0.9 |" in table
+
+
+def test_shrinkage_scales_recover_the_codes_true_sizes():
+    """Codes shrunk by known per-latent factors: the fitted scales undo them exactly, and
+    the one global scale is the least-squares compromise between them."""
+    shrinkage = load("shrinkage")
+    gen = torch.Generator().manual_seed(0)
+    m, d, n = 12, 8, 400
+    W = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    true = torch.rand(n, m, generator=gen, dtype=torch.float64)
+    true *= torch.rand(n, m, generator=gen, dtype=torch.float64) < 0.3  # sparse codes
+    true[:, -1] = 0  # a latent that never fires keeps its scale of 1
+    shrunk_by = torch.linspace(1.2, 3.0, m, dtype=torch.float64)
+    b = torch.randn(d, generator=gen, dtype=torch.float64)
+    x = true @ W + b
+    f = true / shrunk_by
+    fit = shrinkage.Sums(m, d)
+    fit.add(x, f, b.expand(n, d), W)
+    s, global_s = shrinkage.solve_scales(fit, W)
+    assert torch.allclose(s[:-1], shrunk_by[:-1], rtol=1e-6) and s[-1] == 1
+    assert 1.2 < global_s < 3.0
+    assert fit.total_variance() == pytest.approx(float(((x - x.mean(0)) ** 2).sum()))
